@@ -1,0 +1,36 @@
+# Everything a fresh machine needs: `make demo` and `make test` each build .venv first.
+PYTHON ?= python3
+TORCH_VERSION ?= 2.13.0
+TORCH_SPEC ?= torch==$(TORCH_VERSION)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(TORCH_VERSION)
+
+export MPLBACKEND := Agg
+
+.PHONY: setup demo test lint docs bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch first, pinned, so that nothing later pulls a multi-GB CUDA build
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/initdoctor check examples/xavier_classic.py --fix --fail-on never
+
+test: setup
+	$(BIN)/ruff check initdoctor tests examples benchmarks
+	$(BIN)/python -m pytest
+	$(BIN)/mkdocs build --strict --quiet --site-dir $(VENV)/site
+
+bench: setup
+	$(BIN)/python benchmarks/check_cost.py
+	$(BIN)/python benchmarks/watch_overhead.py
+
+clean:
+	rm -rf $(VENV) site .pytest_cache

@@ -1,0 +1,28 @@
+"""initdoctor: diagnose weight-initialization problems in PyTorch models, prescribe and verify a cure.
+
+    import initdoctor
+    diagnosis = initdoctor.check(model, example_input)   # never mutates the model
+    result = initdoctor.fix(model, example_input)        # applies the plan in place
+    with initdoctor.watch(model, log_dir="runs/exp1", every=100) as doctor: ...
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .diagnosis import Diagnosis, FixResult, ProbeError, check, fix  # noqa: E402
+
+__all__ = ["Diagnosis", "FixResult", "ProbeError", "__version__", "check", "fix", "watch", "plot_history"]
+
+
+def __getattr__(name):
+    # watch pulls in tensorboard; keep `import initdoctor` and the CLI's start-up light.
+    if name == "watch":
+        from .watch import watch
+
+        return watch
+    if name == "plot_history":
+        from .report.plots import plot_history
+
+        return plot_history
+    raise AttributeError(f"module 'initdoctor' has no attribute {name!r}")

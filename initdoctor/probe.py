@@ -1,0 +1,716 @@
+"""The only place that registers hooks.
+
+`Recorder` attaches forward hooks to every module, tensor hooks to every weight layer's output (the
+gradient dL/dy, which survives in-place activations where module backward hooks do not), and a
+`TorchFunctionMode` that sees functional calls (`torch.relu(x)`, `x.sigmoid()`) so that the
+nonlinearity following each layer is known. Everything it attaches is removed on every exit path.
+
+`examine` runs one forward and one backward pass of a model under a Recorder without changing the
+model: train/eval modes, BatchNorm running statistics, parameters, `.grad` and the global RNG are
+all as they were afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import weakref
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from . import thresholds as T
+from .stats import (
+    ActivationStats,
+    LayerStats,
+    ModelStats,
+    Moments,
+    SymmetryStats,
+    units_view,
+    weight_summary,
+)
+
+# --- what the functional calls mean ---------------------------------------------------------
+
+# name of the torch function (trailing underscores stripped) -> activation kind
+ACTIVATIONS = {
+    "relu": "relu", "relu6": "relu", "threshold": "relu",
+    "leaky_relu": "leaky_relu", "prelu": "leaky_relu", "rrelu": "leaky_relu",
+    "elu": "elu", "celu": "elu", "selu": "selu",
+    "gelu": "gelu", "silu": "silu", "mish": "silu", "hardswish": "silu", "softplus": "softplus",
+    "sigmoid": "sigmoid", "hardsigmoid": "sigmoid",
+    "tanh": "tanh", "hardtanh": "hardtanh", "softsign": "softsign",
+}
+SATURATING = {"sigmoid", "tanh", "hardtanh", "softsign"}
+DYING = {"relu": "dead", "gelu": "near-dead", "silu": "near-dead"}
+WEIGHT_OPS = {
+    "linear", "bilinear", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d",
+    "conv_transpose3d", "embedding", "embedding_bag", "multi_head_attention_forward",
+    "gru", "lstm", "rnn_tanh", "rnn_relu",
+}
+# Consumers that are linear in the sourced tensor: the layer before them has no nonlinearity.
+LINEAR_CONSUMERS = {"matmul", "bmm", "mm", "einsum", "baddbmm", "scaled_dot_product_attention",
+                    "softmax", "log_softmax", "cross_entropy", "mse_loss", "nll_loss"}
+DROPOUTS = {"dropout", "alpha_dropout", "feature_alpha_dropout", "dropout1d", "dropout2d", "dropout3d"}
+NORMS = {"batch_norm", "layer_norm", "group_norm", "instance_norm", "rms_norm", "local_response_norm"}
+PASSTHROUGH = {
+    "view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "transpose", "permute",
+    "contiguous", "clone", "to", "float", "double", "half", "bfloat16", "type", "type_as", "get",
+    "add", "iadd", "radd", "sub", "isub", "rsub", "mul", "imul", "rmul", "div", "idiv", "truediv",
+    "itruediv", "neg", "mean", "sum", "max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d",
+    "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d",
+    "adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d", "max_pool2d_with_indices",
+    "getitem", "select", "narrow", "expand", "expand_as", "repeat", "pad", "interpolate", "cat",
+    "stack", "chunk", "split", "unbind", "detach", "roll", "movedim", "swapaxes", "T", "mT",
+    "pixel_shuffle", "upsample", "fold", "unfold", "masked_fill", "where", "concat", "concatenate",
+}
+NORM_MODULES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+_RNN_GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
+
+
+def _fname(func: Any) -> str:
+    name = getattr(func, "__name__", "") or ""
+    return name.strip("_")
+
+
+def is_weight_layer(m: nn.Module) -> bool:
+    if isinstance(m, (nn.MultiheadAttention, nn.RNNBase)):
+        return True
+    w = m._parameters.get("weight")
+    return w is not None and w.dim() >= 2
+
+
+def unit_dim(m: nn.Module, out: torch.Tensor) -> int:
+    if isinstance(m, (nn.modules.conv._ConvNd,)):
+        spatial = len(m.kernel_size)
+        return 1 if out.dim() == spatial + 2 else 0
+    return -1
+
+
+def fans(m: nn.Module) -> tuple[int | None, int | None]:
+    """Forward fan-in and fan-out; ConvTranspose's weight stores them the other way round."""
+    if isinstance(m, nn.MultiheadAttention):
+        return m.embed_dim, m.embed_dim
+    if isinstance(m, nn.RNNBase):
+        return m.input_size, m.hidden_size
+    if isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
+        return None, m.embedding_dim
+    w = m._parameters["weight"]
+    fi, fo = nn.init._calculate_fan_in_and_fan_out(w)
+    if isinstance(m, nn.modules.conv._ConvTransposeNd):
+        fi, fo = fo, fi
+    return fi, fo
+
+
+def weight_rows(m: nn.Module, grads: dict[int, torch.Tensor] | None) -> Iterator[tuple]:
+    """(label, rows, gradient rows) per unit-matrix of a layer: one row per output unit, bias appended."""
+
+    def g(p: torch.Tensor | None) -> torch.Tensor | None:
+        if p is None or grads is None:
+            return None
+        return grads.get(id(p))
+
+    def rows(w, b, gw, gb, transpose=False):
+        w2 = (w.transpose(0, 1) if transpose else w).detach().reshape(w.shape[1] if transpose else w.shape[0], -1)
+        gw2 = None if gw is None else (gw.transpose(0, 1) if transpose else gw).reshape(w2.shape)
+        wcols = w2.shape[1]
+        if b is not None and b.numel() == w2.shape[0]:
+            w2 = torch.cat([w2, b.detach().reshape(-1, 1)], 1)
+            if gw2 is not None:
+                gb2 = torch.zeros_like(b) if gb is None else gb
+                gw2 = torch.cat([gw2, gb2.reshape(-1, 1)], 1)
+        return w2, gw2, wcols
+
+    if isinstance(m, nn.MultiheadAttention):
+        e = m.embed_dim
+        if m.in_proj_weight is not None:
+            w, b = m.in_proj_weight, m.in_proj_bias
+            gw, gb = g(w), g(b)
+            for i, part in enumerate("qkv"):
+                sl = slice(i * e, (i + 1) * e)
+                yield (f"in_proj_weight[{part}]",) + rows(
+                    w[sl], None if b is None else b[sl],
+                    None if gw is None else gw[sl], None if gb is None else gb[sl])
+        else:
+            for part in "qkv":
+                w = getattr(m, f"{part}_proj_weight")
+                yield (f"{part}_proj_weight",) + rows(w, None, g(w), None)
+        return
+    if isinstance(m, nn.RNNBase):
+        for pname, p in m._parameters.items():
+            if p is None or not pname.startswith("weight_") or p.dim() < 2:
+                continue
+            bias = m._parameters.get(pname.replace("weight_", "bias_"))
+            yield (pname,) + rows(p, bias, g(p), g(bias))
+        return
+    if isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
+        return  # rows are tokens, not units
+    w = m._parameters["weight"]
+    b = m._parameters.get("bias")
+    transpose = isinstance(m, nn.modules.conv._ConvTransposeNd) and m.groups == 1
+    yield ("weight",) + rows(w, b, g(w), g(b), transpose=transpose)
+
+
+def duplicate_groups(rows: torch.Tensor, tol_rel: float) -> list[list[int]]:
+    """Groups of rows equal within tol_rel * (largest row norm), in O(n log n).
+
+    Rows are projected on a fixed random direction and sorted; only rows whose projections are
+    within the tolerance can be equal, and each such run is split by direct comparison.
+    """
+    n = rows.shape[0]
+    if n < 2:
+        return []
+    x = rows.detach().float()
+    finite = torch.isfinite(x).all(1)
+    if not bool(finite.all()):
+        return []
+    scale = float(x.norm(dim=1).max())
+    if scale == 0.0:
+        return [list(range(n))]
+    tol = tol_rel * scale
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    v = torch.randn(x.shape[1], generator=gen, dtype=torch.float32).to(x.device)
+    v = v / v.norm()
+    p = x @ v
+    order = torch.argsort(p)
+    ps = p[order]
+    close = (ps[1:] - ps[:-1]) <= tol
+    if not bool(close.any()):
+        return []
+    order = order.tolist()
+    close = close.tolist()
+    groups: list[list[int]] = []
+    run = [order[0]]
+    for i, c in enumerate(close):
+        if c:
+            run.append(order[i + 1])
+            continue
+        groups += _split_run(x, run, tol)
+        run = [order[i + 1]]
+    groups += _split_run(x, run, tol)
+    return sorted(groups, key=lambda grp: grp[0])
+
+
+def _split_run(x: torch.Tensor, run: list[int], tol: float) -> list[list[int]]:
+    out = []
+    while len(run) > 1:
+        idx = torch.tensor(run, device=x.device)
+        d = (x[idx] - x[idx[0]]).norm(dim=1)
+        same = (d <= tol).tolist()
+        grp = [r for r, s in zip(run, same) if s]
+        if len(grp) > 1:
+            out.append(sorted(grp))
+        run = [r for r, s in zip(run, same) if not s]
+    return out
+
+
+def symmetry_of(label: str, rows: torch.Tensor, grows: torch.Tensor | None, wcols: int,
+                tol_rel: float) -> SymmetryStats:
+    """Constant/zero (weights alone, bias excluded) and duplicate rows (weights with bias)."""
+    w = rows.detach().float()
+    wo = w[:, :wcols]
+    finite = bool(torch.isfinite(w).all())
+    constant = finite and wo.numel() > 1 and float(wo.max() - wo.min()) <= tol_rel * max(float(wo.abs().max()), 1e-30)
+    zero = finite and bool((wo == 0).all())
+    groups = duplicate_groups(w, tol_rel) if finite else []
+    grad_constant = grad_differ = None
+    frozen: list[list[int]] = []
+    if grows is not None:
+        gr = grows.detach().float()
+        gtol = tol_rel * max(float(gr.norm(dim=1).max()) if gr.numel() else 0.0, 1e-30)
+        gw = gr[:, :wcols]
+        gwmax = float(gw.abs().max()) if gw.numel() else 0.0
+        grad_constant = gwmax == 0.0 or float(gw.max() - gw.min()) <= tol_rel * gwmax
+        grad_differ = bool((gr - gr[0]).norm(dim=1).max() > gtol) if gr.shape[0] > 1 else False
+        for grp in groups:
+            idx = torch.tensor(grp, device=gr.device)
+            if float((gr[idx] - gr[idx[0]]).norm(dim=1).max()) <= gtol:
+                frozen.append(grp)
+    return SymmetryStats(label, rows.shape[0], constant, zero, grad_constant, grad_differ, groups, frozen)
+
+
+# --- accumulators ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class ActAcc:
+    kind: str
+    layer: str | None
+    out: Moments = dataclasses.field(default_factory=Moments)
+    inp: Moments = dataclasses.field(default_factory=Moments)
+    sat: torch.Tensor | None = None  # per-unit count of saturated samples
+    maxv: torch.Tensor | None = None  # per-unit signed maximum
+    calls: int = 0
+    index: int = -1
+
+
+def _sat_mask(kind: str, y: torch.Tensor) -> torch.Tensor:
+    if kind == "sigmoid":
+        return (y < T.SIGMOID_LO) | (y > T.SIGMOID_HI)
+    return y.abs() > T.TANH_ABS
+
+
+class _Lineage:
+    """Which weight layers a tensor derives from, and which nonlinearity produced it, by identity."""
+
+    def __init__(self) -> None:
+        self._d: dict[int, tuple[weakref.ref, frozenset[str], str | None]] = {}
+
+    def get(self, t: Any) -> tuple[frozenset[str], str | None]:
+        if not isinstance(t, torch.Tensor):
+            return frozenset(), None
+        e = self._d.get(id(t))
+        if e is None or e[0]() is not t:
+            return frozenset(), None
+        return e[1], e[2]
+
+    def set(self, t: Any, sources: frozenset[str], act: str | None) -> None:
+        if not isinstance(t, torch.Tensor) or (not sources and act is None):
+            return
+        key = id(t)
+        try:
+            ref = weakref.ref(t, lambda _r, k=key, d=self._d: d.pop(k, None))
+        except TypeError:
+            return
+        self._d[key] = (ref, sources, act)
+
+    def clear(self) -> None:
+        self._d.clear()
+
+
+def _tensors(x: Any) -> Iterator[torch.Tensor]:
+    """Every tensor in a nested output: tensors, sequences, dicts, dataclasses, objects like ModelOutput."""
+    if isinstance(x, torch.Tensor):
+        yield x
+    elif isinstance(x, dict):
+        for v in x.values():
+            yield from _tensors(v)
+    elif isinstance(x, (list, tuple)):
+        for v in x:
+            yield from _tensors(v)
+    elif dataclasses.is_dataclass(x) and not isinstance(x, type):
+        for f in dataclasses.fields(x):
+            yield from _tensors(getattr(x, f.name))
+
+
+def _first_tensor(x: Any) -> torch.Tensor | None:
+    for t in _tensors(x):
+        return t
+    return None
+
+
+class _FunctionWatch(TorchFunctionMode):
+    def __init__(self, rec: Recorder) -> None:
+        super().__init__()
+        self.rec = rec
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = _fname(func)
+        if self.rec.dropout_off and name in DROPOUTS:
+            out = args[0] if args else kwargs["input"]
+        else:
+            out = func(*args, **kwargs)
+        self.rec._on_function(name, args, kwargs, out)
+        return out
+
+
+class Recorder:
+    """Hooks on a model that reduce what flows through it to per-layer accumulators.
+
+    Use as a context manager; on exit every hook and the function mode are gone, whatever happened.
+    `dropout_off` neutralizes dropout (functional calls included) for the duration.
+    """
+
+    def __init__(self, model: nn.Module, *, dropout_off: bool = False, functions: bool = True,
+                 gradients: bool = True) -> None:
+        self.model = model
+        self.dropout_off = dropout_off
+        self.functions = functions
+        self.gradients = gradients
+        self.names: dict[int, str] = {}
+        self.modules: dict[str, nn.Module] = {}
+        for name, m in model.named_modules():  # shared modules appear once
+            self.names[id(m)] = name
+            self.modules[name] = m
+        self.weight_layers = [n for n, m in self.modules.items() if is_weight_layer(m)]
+        self._handles: list[Any] = []
+        self._stack: list[str] = []
+        self._lineage = _Lineage()
+        self._mode: _FunctionWatch | None = None
+        self.reset()
+
+    # -- lifecycle --
+    def reset(self) -> None:
+        self.order: list[str] = []
+        self.calls: dict[str, int] = {}
+        self.out: dict[str, Moments] = {}
+        self.grad: dict[str, Moments] = {}
+        self.acts: dict[str, ActAcc] = {}
+        self.activation: dict[str, tuple[str, float | None, str | None]] = {}
+        self.fed_by: dict[str, str] = {}
+        self.normalized: set[str] = set()
+        self.outputs: set[str] = set()
+        self.unknown: dict[str, str] = {}
+        self.unit_dims: dict[str, int] = {}
+        self.model_out_nonfinite = 0
+        self._stack.clear()
+        self._lineage.clear()
+
+    def __enter__(self) -> Recorder:
+        try:
+            for name, m in self.modules.items():
+                self._handles.append(m.register_forward_pre_hook(self._pre_hook(name)))
+                self._handles.append(m.register_forward_hook(self._post_hook(name)))
+            if self.functions:
+                self._mode = _FunctionWatch(self)
+                self._mode.__enter__()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._mode is not None:
+            mode, self._mode = self._mode, None
+            with contextlib.suppress(Exception):
+                mode.__exit__(None, None, None)
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self._stack.clear()
+
+    def stop_functions(self) -> None:
+        """Leave the function mode (the forward pass is over; backward needs none of it)."""
+        if self._mode is not None:
+            mode, self._mode = self._mode, None
+            mode.__exit__(None, None, None)
+
+    def mark_inputs(self, inputs: Any) -> None:
+        for t in _tensors(inputs):
+            self._lineage.set(t, frozenset(), "input")
+
+    def mark_outputs(self, output: Any) -> None:
+        for t in _tensors(output):
+            sources, _ = self._lineage.get(t)
+            for s in sources:
+                self.outputs.add(s)
+                self.activation.setdefault(s, ("identity", None, None))
+            if t.is_floating_point():
+                self.model_out_nonfinite += int((~torch.isfinite(t.detach())).sum())
+
+    # -- module hooks --
+    def _pre_hook(self, name: str):
+        def hook(module, args):
+            self._stack.append(name)
+        return hook
+
+    def _post_hook(self, name: str):
+        def hook(module, args, output):
+            if self._stack and self._stack[-1] == name:
+                self._stack.pop()
+            if name in self.weight_layers:
+                self._record_layer(name, module, output)
+        return hook
+
+    def _record_layer(self, name: str, module: nn.Module, output: Any) -> None:
+        if name not in self.calls:
+            self.order.append(name)
+            self.calls[name] = 0
+        self.calls[name] += 1
+        y = _first_tensor(output)
+        if y is None or not y.is_floating_point():
+            return
+        target = name
+        if isinstance(module, nn.MultiheadAttention):
+            # F.multi_head_attention_forward uses out_proj's weight without calling it: the
+            # attention output is out_proj's output.
+            target = f"{name}.out_proj" if name else "out_proj"
+            if target not in self.calls:
+                self.order.append(target)
+                self.calls[target] = 0
+            self.calls[target] += 1
+        ud = unit_dim(module, y)
+        self.unit_dims[target] = ud
+        self.out[target] = self.out.get(target, Moments()).merge(Moments.of(units_view(y, ud)))
+        self._lineage.set(y, frozenset([target]), None)
+        if self.gradients and y.requires_grad:
+            def grad_hook(g, target=target, ud=ud):
+                self.grad[target] = self.grad.get(target, Moments()).merge(Moments.of(units_view(g, ud)))
+            y.register_hook(grad_hook)
+
+    # -- functional calls --
+    def _on_function(self, name: str, args: tuple, kwargs: dict, out: Any) -> None:
+        if name in ("register_hook", "size", "dim", "numel", "is_floating_point"):
+            return
+        x = args[0] if args else kwargs.get("input")
+        if isinstance(x, (list, tuple)):
+            srcs: frozenset[str] = frozenset()
+            act = None
+            for t in x:
+                s, a = self._lineage.get(t)
+                srcs |= s
+                act = act or a
+        else:
+            srcs, act = self._lineage.get(x)
+        if name in ACTIVATIONS:
+            self._on_activation(ACTIVATIONS[name], name, args, kwargs, x, out, srcs)
+            return
+        if name in WEIGHT_OPS:
+            for s in srcs:
+                self.activation.setdefault(s, ("identity", None, None))
+            if self._stack:
+                layer = self._stack[-1]
+                if layer in self.weight_layers and layer not in self.fed_by:
+                    self.fed_by[layer] = act or "other"
+            return
+        if name in LINEAR_CONSUMERS:
+            for s in srcs:
+                self.activation.setdefault(s, ("identity", None, None))
+            return
+        if name in NORMS:
+            for s in srcs:
+                if s not in self.activation:
+                    self.normalized.add(s)
+        if name in PASSTHROUGH or name in NORMS or name in DROPOUTS or name == "get":
+            if isinstance(x, torch.Tensor) and isinstance(out, torch.Tensor):
+                for t in args[1:]:
+                    s2, a2 = self._lineage.get(t)
+                    srcs |= s2
+                    act = act or a2
+            for t in _tensors(out):
+                self._lineage.set(t, srcs, act)
+            return
+        if srcs and isinstance(out, torch.Tensor):
+            for s in srcs:
+                if s not in self.activation:
+                    self.activation[s] = ("unknown", None, None)
+                    self.unknown[s] = name
+
+    def _on_activation(self, kind, fname, args, kwargs, x, out, srcs) -> None:
+        if not isinstance(out, torch.Tensor) or not out.is_floating_point():
+            return
+        param = None
+        if kind == "leaky_relu":
+            if fname == "prelu":
+                w = args[1] if len(args) > 1 else kwargs.get("weight")
+                param = float(w.detach().float().mean()) if isinstance(w, torch.Tensor) else 0.25
+            else:
+                param = args[1] if len(args) > 1 and isinstance(args[1], (int, float)) else kwargs.get(
+                    "negative_slope", 0.01)
+                param = float(param) if fname != "rrelu" else 0.5 * (1 / 8 + 1 / 3)
+        inner = self._stack[-1] if self._stack else None
+        inner_mod = self.modules.get(inner) if inner is not None else None
+        if inner_mod is not None and not is_weight_layer(inner_mod) and not list(inner_mod.children()):
+            rec_name = inner
+        else:
+            base = sorted(srcs)[0] if srcs else (inner or "input")
+            rec_name = f"{base}:{fname}"
+        for s in srcs:
+            self.activation.setdefault(s, (kind, param, rec_name))
+        src = sorted(srcs)[0] if srcs else None
+        ud = self.unit_dims.get(src, -1) if src else (1 if out.dim() >= 4 else -1)
+        acc = self.acts.get(rec_name)
+        if acc is None:
+            acc = self.acts[rec_name] = ActAcc(kind, src, index=len(self.acts))
+        acc.calls += 1
+        yv = units_view(out.detach(), ud)
+        acc.out = acc.out.merge(Moments.of(yv))
+        if kind in SATURATING:
+            cnt = _sat_mask(kind, yv.float()).sum(0).double()
+            acc.sat = cnt if acc.sat is None else acc.sat + cnt
+            if isinstance(x, torch.Tensor) and x is not out:
+                acc.inp = acc.inp.merge(Moments.of(units_view(x.detach(), ud)))
+        if kind in DYING:
+            mx = yv.amax(0).double() if yv.shape[0] else None
+            if mx is not None:
+                acc.maxv = mx if acc.maxv is None else torch.maximum(acc.maxv, mx)
+        self._lineage.set(out, frozenset(), kind)
+
+    # -- results --
+    def finish(self, grads: dict[int, torch.Tensor] | None = None, backward: bool = True) -> ModelStats:
+        """Turn the accumulators into statistics. `grads` maps id(parameter) -> its gradient."""
+        layers: list[LayerStats] = []
+        order = {n: i for i, n in enumerate(self.order)}
+        seen_params: dict[int, str] = {}
+        for name in self._layer_names():
+            m = self._module_of(name)
+            layers.append(self._layer_stats(name, m, order, grads, seen_params))
+        acts = [self._act_stats(n, a) for n, a in self.acts.items()]
+        by_layer = {a.layer: a for a in acts if a.layer}
+        for lay in layers:
+            a = by_layer.get(lay.name)
+            if a is not None:
+                lay.saturated, lay.saturated_units = a.saturated, a.saturated_units
+                lay.dead, lay.preact_std = a.dead, a.preact_std
+        # Zero-weight norms are deliberate (zero-init residual): they are not norms to reset.
+        norms = [n for n, m in self.modules.items()
+                 if isinstance(m, NORM_MODULES) and isinstance(getattr(m, "weight", None), torch.Tensor)
+                 and bool((m.weight.detach() != 0).any())]
+        stats = ModelStats(layers, acts, norms, self.model_out_nonfinite, backward)
+        for lay in layers:
+            if lay.name in self.unknown:
+                stats.notes.append((lay.name, self.unknown[lay.name]))
+        weights = {f"{n}.weight" if n else "weight" for n in self.weight_layers}
+        for pname, p in self.model.named_parameters():
+            if pname not in weights and p.is_floating_point():
+                bad = int((~torch.isfinite(p.detach())).sum())
+                if bad:
+                    stats.nonfinite_params.append((pname, bad))
+        return stats
+
+    def _layer_names(self) -> list[str]:
+        names = list(self.weight_layers)
+        for n in list(names):
+            m = self.modules[n]
+            if isinstance(m, nn.MultiheadAttention):
+                child = f"{n}.out_proj" if n else "out_proj"
+                if child not in names and child in self.modules:
+                    names.append(child)
+        return names
+
+    def _module_of(self, name: str) -> nn.Module:
+        return self.modules[name]
+
+    def _layer_stats(self, name, m, order, grads, seen_params) -> LayerStats:
+        w = m._parameters.get("weight")
+        if isinstance(m, nn.MultiheadAttention):
+            w = m.in_proj_weight if m.in_proj_weight is not None else m.q_proj_weight
+        elif isinstance(m, nn.RNNBase):
+            w = m._parameters.get("weight_ih_l0")
+        params = [p for p in m._parameters.values() if p is not None]
+        fi, fo = fans(m)
+        lay = LayerStats(name=name, type=type(m).__name__, index=order.get(name, -1),
+                         calls=self.calls.get(name, 0),
+                         weight_shape=list(w.shape) if w is not None else [], fan_in=fi, fan_out=fo,
+                         frozen=bool(params) and not any(p.requires_grad for p in params),
+                         dtype=str(w.dtype).replace("torch.", "") if w is not None else "float32")
+        if w is not None:
+            for k, v in weight_summary(w).items():
+                setattr(lay, k, v)
+        b = m._parameters.get("bias")
+        if isinstance(b, torch.Tensor) and b.numel():
+            bf = b.detach().float()
+            lay.bias_mean, lay.bias_std = float(bf.mean()), float(bf.std(unbiased=False))
+        act = self.activation.get(name)
+        if act is not None:
+            lay.activation, lay.activation_param, lay.activation_module = act
+        elif lay.index >= 0:
+            lay.activation = "identity"
+        lay.fed_by = self.fed_by.get(name)
+        if lay.fed_by is None and lay.index >= 0 and isinstance(m, nn.MultiheadAttention):
+            lay.fed_by = "other"
+        lay.is_output = name in self.outputs
+        lay.normalized = name in self.normalized
+        mo = self.out.get(name)
+        if mo is not None and mo.mean is not None and mo.n > 0:
+            lay.units, lay.samples = mo.units, int(mo.n)
+            lay.output_nonfinite = mo.nonfinite_units()
+            lay.q, lay.signal = mo.q(), mo.var()
+            lay.r = lay.signal / lay.q if lay.q and math.isfinite(lay.q) and lay.q > 0 else None
+        mg = self.grad.get(name)
+        if mg is not None and mg.mean is not None and mg.n > 0:
+            lay.grad_nonfinite = mg.nonfinite_units()
+            lay.grad_q = mg.q()
+        if grads is not None and w is not None and id(w) in grads:
+            gw = grads[id(w)].detach().float()
+            lay.weight_grad_rms = float(gw.square().mean().sqrt())
+            if lay.weight_rms:
+                lay.weight_grad_ratio = lay.weight_grad_rms / lay.weight_rms
+        dup_tol = T.DUP_TOL.get(lay.dtype, T.DUP_TOL["default"])
+        if w is not None and id(w) not in seen_params:
+            seen_params[id(w)] = name
+            for label, rows, grows, wcols in weight_rows(m, grads):
+                lay.symmetry.append(symmetry_of(label, rows, grows, wcols, dup_tol))
+        return lay
+
+    def _act_stats(self, name: str, a: ActAcc) -> ActivationStats:
+        s = ActivationStats(name=name, kind=a.kind, layer=a.layer, index=a.index, calls=a.calls,
+                            units=a.out.units, nonfinite=a.out.nonfinite_units() if a.out.mean is not None else 0)
+        n = a.out.n
+        if a.sat is not None and n > 0:
+            per_unit = a.sat / n
+            s.saturated = float(per_unit.mean())
+            s.saturated_units = float((per_unit >= T.SAT_UNIT_BATCH).double().mean())
+        if a.maxv is not None:
+            s.dead = float((a.maxv <= 0).double().mean())
+        if a.inp.mean is not None and a.inp.n > 1:
+            s.preact_std = float(a.inp.var_units().sqrt().median())
+        return s
+
+
+# --- one examination ------------------------------------------------------------------------
+
+
+def cotangent_loss(output: Any, seed: int) -> torch.Tensor:
+    """L = <y, eps> summed over every floating output, eps ~ N(0, I) from its own generator."""
+    total = None
+    gens: dict[str, torch.Generator] = {}
+    for t in _tensors(output):
+        if not t.is_floating_point() or not t.requires_grad:
+            continue
+        key = str(t.device)
+        if key not in gens:
+            gens[key] = torch.Generator(device=t.device).manual_seed(seed)
+        eps = torch.randn(t.shape, generator=gens[key], device=t.device, dtype=torch.float32).to(t.dtype)
+        term = (t * eps).sum()
+        total = term if total is None else total + term
+    return total
+
+
+@contextlib.contextmanager
+def preserved(model: nn.Module, devices: list | None = None) -> Iterator[None]:
+    """Put back train/eval modes, norm-layer running statistics and the global RNG afterwards."""
+    modes = [(m, m.training) for m in model.modules()]
+    buffers = []
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._NormBase):
+            for bname in ("running_mean", "running_var", "num_batches_tracked"):
+                buf = getattr(m, bname, None)
+                if isinstance(buf, torch.Tensor):
+                    buffers.append((buf, buf.detach().clone()))
+    try:
+        with torch.random.fork_rng(devices=devices or [], enabled=True):
+            yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+        with torch.no_grad():
+            for buf, saved in buffers:
+                buf.copy_(saved)
+
+
+def examine(model: nn.Module, inputs: Any, loss_fn: Callable | None = None, seed: int = 0) -> ModelStats:
+    """One forward and one backward pass under a Recorder; the model is left exactly as it was."""
+    params = []
+    seen: set[int] = set()
+    for p in model.parameters():
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            params.append(p)
+    devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    args = inputs if isinstance(inputs, tuple) else (inputs,)
+    with preserved(model, devices), Recorder(model, dropout_off=True) as rec:
+        model.train()
+        for m in model.modules():
+            if isinstance(m, nn.modules.dropout._DropoutNd):
+                m.eval()
+        rec.mark_inputs(args)
+        output = model(*args)
+        rec.mark_outputs(output)
+        rec.stop_functions()
+        loss = loss_fn(output, inputs) if loss_fn is not None else cotangent_loss(output, seed)
+        grads: dict[int, torch.Tensor] = {}
+        backward = isinstance(loss, torch.Tensor) and loss.requires_grad and bool(params)
+        if backward:
+            got = torch.autograd.grad(loss, params, allow_unused=True)
+            grads = {id(p): g for p, g in zip(params, got) if g is not None}
+        del output, loss
+        return rec.finish(grads if backward else None, backward)

@@ -1,0 +1,67 @@
+"""ID9xx: what the tool could not see or had to assume."""
+
+from __future__ import annotations
+
+from ..stats import ModelStats
+from . import Finding, Rule, register
+
+
+@register
+class LayerNotRun(Rule):
+    code = "ID901"
+
+    def check(self, stats: ModelStats) -> list[Finding]:
+        idle = [lay.name for lay in stats.layers if lay.index < 0]
+        if not idle:
+            return []
+        return [self.finding("info", idle, f"{len(idle)} layer(s) with weights never ran in the probe pass "
+                             f"(first: {idle[0]}); only their weights were examined.")]
+
+
+@register
+class ActivationUnknown(Rule):
+    code = "ID902"
+
+    def check(self, stats: ModelStats) -> list[Finding]:
+        return [self.finding("info", [layer], f"the output of {layer} goes into `{op}`, which initdoctor does not "
+                             f"know as a nonlinearity; the plan treats it as linear.", op=op)
+                for layer, op in stats.notes]
+
+
+@register
+class GradientBlocked(Rule):
+    code = "ID903"
+
+    def check(self, stats: ModelStats) -> list[Finding]:
+        if not stats.backward:
+            return []
+        zeros = [lay for lay in stats.ran() if lay.weight_rms == 0]
+        blocked = [lay.name for lay in stats.ran() if lay.grad_q == 0 and lay.weight_rms]
+        if not (zeros and blocked):
+            return []
+        return [self.finding("info", blocked, f"{len(blocked)} layer(s) see exactly zero gradient because "
+                             f"zero-initialized {zeros[0].name} lies downstream; it opens after one step.",
+                             zero_layers=[z.name for z in zeros])]
+
+
+@register
+class NoBackward(Rule):
+    code = "ID904"
+
+    def check(self, stats: ModelStats) -> list[Finding]:
+        if stats.backward:
+            return []
+        return [self.finding("info", [], "no backward pass was possible (no trainable parameter reaches the "
+                             "output), so gradient rules did not run.")]
+
+
+@register
+class RnnInternals(Rule):
+    code = "ID905"
+
+    def check(self, stats: ModelStats) -> list[Finding]:
+        rnns = [lay.name for lay in stats.ran() if lay.type in ("LSTM", "GRU", "RNN")]
+        if not rnns:
+            return []
+        return [self.finding("info", rnns, "recurrent layers compute their gates inside one fused op; "
+                             "initdoctor sees their outputs and weights, not the gates themselves.")]

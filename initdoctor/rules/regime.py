@@ -1,0 +1,97 @@
+"""ID301-ID303: where on its curve each nonlinearity works."""
+
+from __future__ import annotations
+
+from .. import thresholds as T
+from ..graph import severity_for_ratio, trends
+from ..stats import ModelStats
+from . import Finding, Rule, register
+
+
+def _worst(sevs: list[str]) -> str:
+    return "error" if "error" in sevs else "warning"
+
+
+@register
+class SaturatedActivations(Rule):
+    code = "ID301"
+
+    def check(self, stats: ModelStats) -> list[Finding]:
+        hits = []
+        for a in stats.activations:
+            if a.saturated is None:
+                continue
+            s, u = a.saturated, a.saturated_units or 0.0
+            if s > T.SAT_SHARE_ERROR or u > T.SAT_UNITS_ERROR:
+                hits.append(("error", a, s, u))
+            elif s > T.SAT_SHARE_WARN or u > T.SAT_UNITS_WARN:
+                hits.append(("warning", a, s, u))
+        if not hits:
+            return []
+        worst = max(hits, key=lambda h: h[2])
+        _, a, s, u = worst
+        names = [h[1].layer or h[1].name for h in hits]
+        return [self.finding(
+            _worst([h[0] for h in hits]), names,
+            f"{len(hits)} {a.kind} layer(s) work on their flat tails: at {a.layer or a.name} {s:.0%} of outputs "
+            f"and {u:.0%} of units are saturated, so their gradients are near zero. The weights are too large "
+            f"for their fan; use Xavier's scale (see the plan).",
+            saturated={h[1].name: round(h[2], 4) for h in hits},
+            saturated_units={h[1].name: round(h[3], 4) for h in hits})]
+
+
+def _fired_collapse_or_vanishing(stats: ModelStats) -> bool:
+    for t in trends(stats):
+        if t.metric == "collapse" and severity_for_ratio(t.ratio, T.COLLAPSE_WARN, T.COLLAPSE_ERROR, True):
+            return True
+        if t.metric in ("gradient", "signal") and severity_for_ratio(t.ratio, T.TREND_WARN, T.TREND_ERROR, True):
+            return True
+    return False
+
+
+@register
+class LinearRegime(Rule):
+    code = "ID302"
+
+    def check(self, stats: ModelStats) -> list[Finding]:
+        out = []
+        for kind, limit in T.LINEAR_STD.items():
+            acts = [a for a in stats.activations if a.kind == kind and a.preact_std is not None]
+            small = [a for a in acts if a.preact_std < limit]
+            if not acts or len(small) < T.LINEAR_LAYER_SHARE * len(acts):
+                continue
+            sev = "warning" if _fired_collapse_or_vanishing(stats) else "info"
+            med = sorted(a.preact_std for a in small)[len(small) // 2]
+            out.append(self.finding(
+                sev, [a.layer or a.name for a in small],
+                f"{len(small)} of {len(acts)} {kind} layers see inputs with a per-unit std of about {med:.2g} "
+                f"(below {limit}), where {kind} is nearly a straight line: the stack behaves like one linear "
+                f"map" + (" and the signal or gradient dies with depth." if sev == "warning" else ".")
+                + " Grow the weights to Xavier's scale" + (" (gain 4 with centring)." if kind == "sigmoid" else "."),
+                preact_std={a.name: a.preact_std for a in small}, limit=limit))
+        return out
+
+
+@register
+class DeadUnits(Rule):
+    code = "ID303"
+
+    def check(self, stats: ModelStats) -> list[Finding]:
+        hits = []
+        for a in stats.activations:
+            if a.dead is None:
+                continue
+            if a.dead >= T.DEAD_ERROR:
+                hits.append(("error", a))
+            elif a.dead > T.DEAD_WARN:
+                hits.append(("warning", a))
+        if not hits:
+            return []
+        worst = max(hits, key=lambda h: h[1].dead)[1]
+        near = " (near-dead: never positive)" if worst.kind in ("gelu", "silu") else ""
+        return [self.finding(
+            _worst([h[0] for h in hits]), [h[1].layer or h[1].name for h in hits],
+            f"{len(hits)} {worst.kind} layer(s) have mostly dead units{near}: at {worst.layer or worst.name} "
+            f"{worst.dead:.0%} of units output zero for every example, so they get no gradient and never "
+            f"recover. Use He init with zero biases (negative biases or too-large weights kill units).",
+            dead={h[1].name: round(h[1].dead, 4) for h in hits})]

@@ -1,0 +1,47 @@
+"""ID501: a weight's scale against the variance-preserving scale for its fan and nonlinearity."""
+
+from __future__ import annotations
+
+import math
+
+from .. import thresholds as T
+from ..schemes import looks_default, recommend, std_of
+from ..stats import ModelStats
+from . import Finding, Rule, register
+
+
+def tanh_depth(stats: ModelStats) -> int:
+    return sum(1 for a in stats.activations if a.kind in ("tanh", "hardtanh", "softsign"))
+
+
+@register
+class InitScaleMismatch(Rule):
+    code = "ID501"
+
+    def check(self, stats: ModelStats) -> list[Finding]:
+        off = {}
+        default = []
+        depth = tanh_depth(stats)
+        for lay in stats.ran():
+            if not (lay.weight_std and lay.fan_in and lay.fan_out) or lay.type in ("LSTM", "GRU", "RNN",
+                                                                                   "MultiheadAttention"):
+                continue
+            scheme, g, _, _ = recommend(lay, depth)
+            if scheme == "keep":
+                continue
+            want = std_of(scheme, g, lay.fan_in, lay.fan_out)
+            ratio = lay.weight_std / want
+            if ratio > T.SCALE_NOTE or ratio < 1.0 / T.SCALE_NOTE:
+                off[lay.name] = {"std": lay.weight_std, "expected": want, "ratio": ratio, "scheme": scheme}
+                if looks_default(lay.weight_std, lay.fan_in):
+                    default.append(lay.name)
+        if not off:
+            return []
+        worst = max(off.items(), key=lambda kv: abs(math.log(kv[1]["ratio"])))
+        msg = (f"{len(off)} layer(s) are drawn at a scale far from variance-preserving; worst {worst[0]}: std "
+               f"{worst[1]['std']:.3g} vs {worst[1]['expected']:.3g} for {worst[1]['scheme']} "
+               f"({worst[1]['ratio']:.2g}x).")
+        if default:
+            msg += (f" {len(default)} of them use PyTorch's default U(+-1/sqrt(fan_in)), which is a sixth of "
+                    f"He's variance: fine when shallow, it compounds with depth.")
+        return [self.finding("info", list(off), msg, scales=off, pytorch_default=default)]

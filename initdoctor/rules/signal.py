@@ -1,0 +1,116 @@
+"""ID201-ID204: the signal and the gradient along depth, within homologous groups."""
+
+from __future__ import annotations
+
+from .. import thresholds as T
+from ..graph import Trend, severity_for_ratio, trends
+from ..schemes import gain, looks_default, slope_factor
+from ..stats import ModelStats
+from . import Finding, Rule, register
+
+
+def _advice(stats: ModelStats, trend: Trend) -> tuple[str, dict]:
+    """What the weights of the group predict per layer, and PyTorch's default named as such."""
+    lay = stats.layer(trend.layers[0])
+    ev: dict = {}
+    if not (lay.fan_in and lay.weight_std):
+        return "", ev
+    act, param = lay.activation, lay.activation_param
+    factor = lay.fan_in * lay.weight_std ** 2 * slope_factor(act, param)
+    ev["predicted_factor_per_layer"] = factor
+    target = "kaiming_normal_(w, nonlinearity='relu')" if act in ("relu", "gelu", "silu") else (
+        f"kaiming_normal_(w, a={param}, nonlinearity='leaky_relu')" if act == "leaky_relu" else
+        f"xavier_uniform_(w, gain={gain(act, param):.3g})")
+    frac = f"about 1/{1 / factor:.0f}" if factor < 1 else f"{factor:.3g}x"
+    text = (f" fan_in * Var(W) * slope^2 = {factor:.3g} per layer ({frac} of the variance passes each "
+            f"{act or 'linear'} layer).")
+    if looks_default(lay.weight_std, lay.fan_in):
+        text += (" These are PyTorch's default weights U(+-1/sqrt(fan_in)), which keep "
+                 f"{'about a sixth' if act == 'relu' else frac} of the signal per layer;")
+        ev["pytorch_default"] = True
+    text += f" use {target}."
+    return text, ev
+
+
+def _message(what: str, trend: Trend, extra: str) -> str:
+    return (f"{what} from {trend.layers[0]} to {trend.layers[-1]} ({len(trend.layers)} comparable layers): "
+            f"ratio {trend.ratio:.2g}, x{trend.per_layer:.3g} per layer, starting after {trend.start()}."
+            + extra)
+
+
+def _evidence(trend: Trend) -> dict:
+    return {"metric": trend.metric, "ratio": trend.ratio, "per_layer": trend.per_layer,
+            "first": trend.values[0], "last": trend.values[-1], "members": len(trend.layers),
+            "normalized": trend.normalized}
+
+
+class _TrendRule(Rule):
+    metrics: tuple[str, ...] = ()
+    low = True  # the trouble is a ratio below the band (vanishing) rather than above it
+
+    def check(self, stats: ModelStats) -> list[Finding]:
+        out = []
+        for trend in trends(stats):
+            if trend.metric not in self.metrics:
+                continue
+            warn, err = ((T.COLLAPSE_WARN, T.COLLAPSE_ERROR) if trend.metric == "collapse"
+                         else (T.TREND_WARN, T.TREND_ERROR))
+            sev = severity_for_ratio(trend.ratio, warn, err, self.low)
+            if sev is None:
+                continue
+            extra, ev = _advice(stats, trend)
+            out.append(self.finding(sev, trend.layers, _message(self.describe(trend), trend, extra),
+                                    **_evidence(trend), **ev))
+        return out
+
+    def describe(self, trend: Trend) -> str:
+        raise NotImplementedError
+
+
+@register
+class VanishingActivations(_TrendRule):
+    code = "ID201"
+    metrics = ("signal", "collapse")
+
+    def describe(self, trend: Trend) -> str:
+        if trend.metric == "collapse":
+            return ("the input-dependent share of the signal collapses (the output stops depending on "
+                    "the input while biases hold its scale)")
+        return "the signal's second moment shrinks"
+
+
+@register
+class ExplodingActivations(_TrendRule):
+    code = "ID202"
+    metrics = ("signal",)
+    low = False
+
+    def describe(self, trend: Trend) -> str:
+        return "the signal's second moment grows"
+
+
+@register
+class VanishingGradients(_TrendRule):
+    code = "ID203"
+    metrics = ("gradient",)
+
+    def describe(self, trend: Trend) -> str:
+        return "back-propagated gradients shrink toward the input" + (" (G*q, normalized)" if trend.normalized else "")
+
+
+@register
+class ExplodingGradients(_TrendRule):
+    code = "ID204"
+    metrics = ("gradient",)
+    low = False
+
+    def describe(self, trend: Trend) -> str:
+        return "back-propagated gradients grow toward the input" + (" (G*q, normalized)" if trend.normalized else "")
+
+    def check(self, stats: ModelStats) -> list[Finding]:
+        out = super().check(stats)
+        for f in out:
+            if f.evidence.get("normalized"):
+                f.message += (" The layers are followed by normalization, which undoes any init scale: "
+                              "initialization cannot cure this; add residual connections (or fewer layers).")
+        return out

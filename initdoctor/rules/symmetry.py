@@ -1,0 +1,95 @@
+"""ID101-ID103: units that start equal, and whether gradient descent can ever tell them apart.
+
+Units i and j are duplicates when their weight rows and biases are equal. They stay equal forever
+when their gradient rows are equal too (SGD, momentum, Adam(W), RMSprop and weight decay all map
+identical (weights, gradient, state) to identical updates). 1-D parameters are never flagged alone.
+"""
+
+from __future__ import annotations
+
+from ..stats import ModelStats
+from . import Finding, Rule, register
+
+
+def _where(name: str, param: str) -> str:
+    return name if param == "weight" else f"{name}.{param}"
+
+
+@register
+class ConstantWeights(Rule):
+    code = "ID101"
+
+    def check(self, stats: ModelStats) -> list[Finding]:
+        out = []
+        for lay in stats.layers:
+            for sym in lay.symmetry:
+                if not sym.constant:
+                    continue
+                what = "zero" if sym.zero else f"the constant {lay.weight_mean:.4g}"
+                where = _where(lay.name, sym.param)
+                if sym.grad_constant is None:
+                    sev, why = "warning", "no gradient was computed, so whether training breaks it is unknown"
+                elif sym.grad_constant:
+                    sev = "error"
+                    why = ("its gradient is " + ("zero" if sym.zero else "constant too")
+                           + ", so every entry receives the same update and it can never move apart")
+                elif sym.zero:
+                    sev, why = "info", "a deliberate zero-init: its gradient rows differ, so it moves on the first step"
+                else:
+                    sev, why = "info", "its gradient rows differ, so the first step breaks the constant"
+                out.append(self.finding(
+                    sev, [where],
+                    f"every entry of {where} ({lay.type} {'x'.join(map(str, lay.weight_shape))}) is {what}; {why}."
+                    + ("" if sev == "info" else " Draw it at random (Xavier or He, see the plan)."),
+                    rows=sym.rows, zero=sym.zero, gradient_constant=sym.grad_constant))
+        return out
+
+
+def _dups(stats: ModelStats, frozen: bool):
+    for lay in stats.layers:
+        for sym in lay.symmetry:
+            if sym.zero or not sym.duplicate_groups:
+                continue  # an all-zero tensor is ID101's
+            groups = sym.frozen_groups if frozen else sym.duplicate_groups
+            if groups:
+                yield lay, sym, groups
+
+
+@register
+class DuplicateUnits(Rule):
+    code = "ID102"
+
+    def check(self, stats: ModelStats) -> list[Finding]:
+        out = []
+        for lay, sym, groups in _dups(stats, frozen=False):
+            if sym.frozen_groups and len(sym.frozen_groups) == len(groups):
+                continue  # all of them are ID103's
+            n = sum(len(g) for g in groups)
+            where = _where(lay.name, sym.param)
+            sev = "warning" if sym.grad_rows_differ is not False else "error"
+            out.append(self.finding(
+                sev, [where],
+                f"{n} of {sym.rows} units of {where} are identical in {len(groups)} group(s) (largest: "
+                f"{max(len(g) for g in groups)}); their gradients differ, so they separate only slowly and "
+                f"waste capacity until then. Draw the weights at random.",
+                units=sym.rows, duplicate_units=n, groups=[g[:16] for g in groups[:8]]))
+        return out
+
+
+@register
+class UnbreakableSymmetry(Rule):
+    code = "ID103"
+
+    def check(self, stats: ModelStats) -> list[Finding]:
+        out = []
+        for lay, sym, groups in _dups(stats, frozen=True):
+            n = sum(len(g) for g in groups)
+            where = _where(lay.name, sym.param)
+            out.append(self.finding(
+                "error", [where],
+                f"{n} of {sym.rows} units of {where} are identical and so are their gradients "
+                f"({len(groups)} group(s), largest {max(len(g) for g in groups)}): every optimizer gives them "
+                f"the same update forever, so the layer acts as {sym.rows - n + len(groups)} unit(s). "
+                f"Draw the weights at random (see the plan).",
+                units=sym.rows, frozen_units=n, groups=[g[:16] for g in groups[:8]]))
+        return out

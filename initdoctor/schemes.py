@@ -1,0 +1,92 @@
+"""Gains, fans and scales on top of `torch.nn.init`; never a re-derivation of its formulas."""
+
+from __future__ import annotations
+
+import math
+
+from torch import nn
+
+from . import thresholds as T
+
+SCHEMES = ("xavier_uniform", "xavier_normal", "kaiming_uniform", "kaiming_normal", "lecun_normal",
+           "orthogonal", "zeros", "ones", "keep")
+RECTIFIERS = {"relu", "leaky_relu", "gelu", "silu", "elu", "softplus"}
+
+
+def gain(activation: str | None, param: float | None = None) -> float:
+    """The gain `torch.nn.init.calculate_gain` gives for the nonlinearity after a layer."""
+    if activation in ("relu", "gelu", "silu", "elu", "softplus"):
+        return nn.init.calculate_gain("relu")
+    if activation == "leaky_relu":
+        return nn.init.calculate_gain("leaky_relu", 0.01 if param is None else param)
+    if activation in ("tanh", "hardtanh", "softsign"):
+        return nn.init.calculate_gain("tanh")
+    if activation == "sigmoid":
+        return nn.init.calculate_gain("sigmoid")
+    return 1.0
+
+
+def slope_factor(activation: str | None, param: float | None = None) -> float:
+    """Share of a zero-mean Gaussian's second moment that passes the nonlinearity (small inputs)."""
+    return 1.0 / gain(activation, param) ** 2 if activation != "sigmoid" else 1.0 / 16.0
+
+
+def default_linear_std(fan_in: int) -> float:
+    """PyTorch's Linear/Conv default: kaiming_uniform_(a=sqrt(5)) = U(+-1/sqrt(fan_in))."""
+    return 1.0 / math.sqrt(3.0 * fan_in)
+
+
+def looks_default(std: float | None, fan_in: int | None) -> bool:
+    if not std or not fan_in:
+        return False
+    return abs(std / default_linear_std(fan_in) - 1.0) < 0.1
+
+
+def std_of(scheme: str, gain_: float, fan_in: int, fan_out: int) -> float:
+    """Standard deviation a scheme draws with (as documented for torch.nn.init), for comparisons."""
+    if scheme.startswith("xavier"):
+        return gain_ * math.sqrt(2.0 / (fan_in + fan_out))
+    if scheme in ("kaiming_uniform", "kaiming_normal", "lecun_normal"):
+        return gain_ / math.sqrt(fan_in)
+    if scheme == "orthogonal":
+        return gain_ / math.sqrt(max(fan_in, fan_out))
+    return 0.0
+
+
+def deep_tanh_gain(depth: int) -> float:
+    """tanh: 5/3 up to about TANH_DEEP layers, nearer 1 deeper (5/3 turns chaotic with depth)."""
+    return nn.init.calculate_gain("tanh") if depth <= T.TANH_DEEP else T.TANH_DEEP_GAIN
+
+
+def recommend(lay, tanh_depth: int = 0) -> tuple[str, float, str, str]:
+    """(scheme, gain, mode, reason) for a weight layer, from the nonlinearity that follows it."""
+    act, param = lay.activation, lay.activation_param
+    mode = "fan_out" if lay.type.startswith("ConvTranspose") else "fan_in"  # torch's fans are swapped there
+    if lay.type in ("Embedding", "EmbeddingBag"):
+        return "keep", 1.0, mode, "embeddings have no fan-in; their scale is the model's choice"
+    if lay.type in ("LSTM", "GRU", "RNN"):
+        return ("xavier_uniform", 1.0, mode,
+                "recurrent layer: Xavier for input weights, orthogonal for recurrent weights, zero biases")
+    if act in RECTIFIERS:
+        g = gain(act, param)
+        name = f"leaky_relu({param:g})" if act == "leaky_relu" and param is not None else act
+        return "kaiming_normal", g, mode, f"He init for {name}: gain {g:.3g}, {mode} keeps the variance"
+    if act == "selu":
+        return "lecun_normal", 1.0, "fan_in", "LeCun normal keeps SELU self-normalizing"
+    if act in ("tanh", "hardtanh", "softsign"):
+        g = deep_tanh_gain(tanh_depth)
+        why = (f"Xavier for {act} with gain {g:.3g}" + (f" ({tanh_depth} tanh layers: 5/3 turns chaotic this deep)"
+                                                       if g != nn.init.calculate_gain("tanh") else ""))
+        return "xavier_uniform", g, mode, why
+    if act == "sigmoid":
+        if lay.fed_by == "sigmoid":
+            return ("xavier_uniform", T.SIGMOID_GAIN, mode,
+                    "Xavier gain 4 undoes sigmoid's slope of 1/4; bias centred to cancel its 0.5 mean")
+        return "xavier_uniform", 1.0, mode, "Xavier gain 1 before a sigmoid, fed by the standardized input"
+    where = "output layer" if lay.is_output else "no nonlinearity follows"
+    return "xavier_uniform", 1.0, mode, f"{where}: Xavier gain 1"
+
+
+def centre_bias(lay) -> bool:
+    """Layers fed by a sigmoid get bias = -0.5 * rowsum(W), cancelling the sigmoid's mean of 0.5."""
+    return lay.fed_by == "sigmoid"

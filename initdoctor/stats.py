@@ -1,0 +1,208 @@
+"""Pure tensor -> number reductions, and the dataclasses that hold their results.
+
+Per-unit moments are kept as (count, mean, centred sum of squares) and merged with Chan's parallel
+formula, so a module called twice, or a batch split over ranks, gives the numbers of one pass over
+the whole batch; centring before squaring keeps variances of 1e-17 next to a mean of 0.5 exact.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+
+def units_view(t: torch.Tensor, unit_dim: int) -> torch.Tensor:
+    """(samples, units) view of an activation: units are `unit_dim`, samples everything else."""
+    if t.dim() == 0:
+        return t.reshape(1, 1)
+    if t.dim() == 1:
+        return t.reshape(-1, 1) if unit_dim != 0 else t.reshape(1, -1)
+    return t.movedim(unit_dim, -1).reshape(-1, t.shape[unit_dim])
+
+
+@dataclass
+class Moments:
+    """Per-unit count, mean and centred sum of squares (float64 vectors on the CPU once finished)."""
+
+    n: float = 0.0
+    mean: torch.Tensor | None = None
+    m2: torch.Tensor | None = None
+    absmax: torch.Tensor | None = None  # per unit, nan/inf propagate: the non-finite detector
+
+    @staticmethod
+    def of(x: torch.Tensor) -> Moments:
+        """Reduce a (samples, units) tensor; stays on its device."""
+        x = x.detach()
+        if x.shape[0] == 0:
+            return Moments()
+        x = x if x.dtype == torch.float64 else x.float()
+        absmax = x.abs().amax(0)
+        # Dividing each unit by its largest magnitude keeps squares finite for any finite input
+        # without a device synchronization to ask whether they would overflow.
+        scale = absmax.clamp_min(1e-30)
+        xs = x / scale
+        mean = xs.mean(0)
+        m2 = (xs - mean).square_().sum(0)
+        s64 = scale.double()
+        return Moments(float(x.shape[0]), mean.double() * s64, m2.double() * s64.square(), absmax.double())
+
+    def merge(self, other: Moments) -> Moments:
+        if self.mean is None:
+            return other
+        if other.mean is None:
+            return self
+        n = self.n + other.n
+        delta = other.mean - self.mean
+        mean = self.mean + delta * (other.n / n)
+        m2 = self.m2 + other.m2 + delta.square() * (self.n * other.n / n)
+        return Moments(n, mean, m2, torch.maximum(self.absmax, other.absmax))
+
+    @property
+    def units(self) -> int:
+        return 0 if self.mean is None else int(self.mean.numel())
+
+    def var_units(self) -> torch.Tensor:
+        return self.m2 / max(self.n, 1.0)
+
+    def q(self) -> float:
+        """Second moment mean(y^2) = mean over units of (var + mean^2)."""
+        return float((self.var_units() + self.mean.square()).mean())
+
+    def var(self) -> float:
+        """Per-unit variance over samples, averaged over units: the input-dependent signal."""
+        return float(self.var_units().mean())
+
+    def nonfinite_units(self) -> int:
+        return int((~torch.isfinite(self.absmax)).sum())
+
+
+def weight_summary(w: torch.Tensor) -> dict:
+    w = w.detach().float()
+    finite = torch.isfinite(w)
+    nonfinite = int((~finite).sum())
+    wf = w[finite] if nonfinite else w.reshape(-1)
+    if wf.numel() == 0:
+        return {"weight_mean": None, "weight_std": None, "weight_rms": None, "weight_nonfinite": nonfinite}
+    mean = float(wf.double().mean())
+    std = float(wf.double().std(unbiased=False))
+    rms = math.sqrt(std * std + mean * mean)
+    return {"weight_mean": mean, "weight_std": std, "weight_rms": rms, "weight_nonfinite": nonfinite}
+
+
+def _finite(x: float | None) -> float | None:
+    if x is None or not math.isfinite(x):
+        return None
+    return x
+
+
+@dataclass
+class SymmetryStats:
+    """Row-level symmetry of one weight tensor (or one chunk of a packed tensor)."""
+
+    param: str
+    rows: int
+    constant: bool
+    zero: bool
+    grad_constant: bool | None  # None when no gradient was computed
+    grad_rows_differ: bool | None
+    duplicate_groups: list[list[int]] = field(default_factory=list)
+    frozen_groups: list[list[int]] = field(default_factory=list)  # duplicates with equal gradients
+
+    @property
+    def duplicate_units(self) -> int:
+        return sum(len(g) for g in self.duplicate_groups)
+
+
+@dataclass
+class LayerStats:
+    """Everything measured about one weight layer. Floats are None when not measurable."""
+
+    name: str
+    type: str
+    index: int = -1  # execution order among weight layers; -1: never ran
+    calls: int = 0
+    weight_shape: list[int] = field(default_factory=list)
+    fan_in: int | None = None
+    fan_out: int | None = None
+    activation: str | None = None  # what follows: relu, leaky_relu, tanh, sigmoid, identity, ...
+    activation_param: float | None = None  # negative slope of leaky_relu
+    activation_module: str | None = None  # the activation's record name (see ActivationStats)
+    fed_by: str | None = None  # the nonlinearity whose output feeds this layer, 'input' for the batch
+    is_output: bool = False
+    normalized: bool = False  # a norm layer follows before the nonlinearity
+    frozen: bool = False
+    dtype: str = "float32"
+    # weights
+    weight_mean: float | None = None
+    weight_std: float | None = None
+    weight_rms: float | None = None
+    weight_nonfinite: int = 0
+    bias_mean: float | None = None
+    bias_std: float | None = None
+    # forward (pre-activation output of the layer)
+    q: float | None = None
+    signal: float | None = None  # per-unit variance over samples, averaged over units
+    r: float | None = None  # signal / q
+    output_nonfinite: int = 0
+    units: int = 0
+    samples: int = 0
+    # backward
+    grad_q: float | None = None  # G = mean(delta^2) for delta = dL/dy
+    grad_nonfinite: int = 0
+    weight_grad_rms: float | None = None
+    weight_grad_ratio: float | None = None  # |dW| / |W|
+    # the nonlinearity that follows, copied from its ActivationStats
+    saturated: float | None = None
+    saturated_units: float | None = None
+    dead: float | None = None
+    preact_std: float | None = None
+    symmetry: list[SymmetryStats] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        for k, v in d.items():
+            if isinstance(v, float):
+                d[k] = _finite(v)
+        return d
+
+
+@dataclass
+class ActivationStats:
+    """One nonlinearity application (a module, or a functional call attributed to a layer)."""
+
+    name: str
+    kind: str
+    layer: str | None  # the weight layer whose output it consumes
+    index: int = -1
+    calls: int = 0
+    units: int = 0
+    saturated: float | None = None
+    saturated_units: float | None = None
+    dead: float | None = None
+    preact_std: float | None = None
+    nonfinite: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class ModelStats:
+    layers: list[LayerStats]
+    activations: list[ActivationStats]
+    norms: list[str]  # norm-layer module names (their affine parameters are part of the plan)
+    output_nonfinite: int = 0
+    backward: bool = True
+    notes: list[tuple[str, str]] = field(default_factory=list)  # (layer, op) for unknown consumers
+    nonfinite_params: list[tuple[str, int]] = field(default_factory=list)  # other than layer weights
+
+    def layer(self, name: str) -> LayerStats:
+        for lay in self.layers:
+            if lay.name == name:
+                return lay
+        raise KeyError(name)
+
+    def ran(self) -> list[LayerStats]:
+        return sorted((lay for lay in self.layers if lay.index >= 0), key=lambda lay: lay.index)
