@@ -11,16 +11,13 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from .diagnosis import Diagnosis, FixResult, ProbeError, check, fix  # noqa: E402
+from .watcher import InitDoctorWarning, Watch, watch  # noqa: E402
 
-__all__ = ["Diagnosis", "FixResult", "ProbeError", "__version__", "check", "fix", "watch", "plot_history"]
+__all__ = ["Diagnosis", "FixResult", "ProbeError", "__version__", "check", "fix", "watch", "Watch", "plot_history", "InitDoctorWarning"]
 
 
 def __getattr__(name):
-    # watch pulls in tensorboard; keep `import initdoctor` and the CLI's start-up light.
-    if name == "watch":
-        from .watch import watch
-
-        return watch
+    # matplotlib is imported only where a figure is drawn; keep `import initdoctor` light.
     if name == "plot_history":
         from .report.plots import plot_history
 

@@ -107,7 +107,7 @@ def _check(args) -> int:
     x = tuple(t.to(device) for t in x) if isinstance(x, tuple) else (x.to(device) if hasattr(x, "to") else x)
     loss_fn = getattr(loaded.namespace, "loss_fn", None) if loaded.namespace else None
     kw = dict(select=_codes(args.select), ignore=_codes(args.ignore), keep=tuple(args.keep), scheme=args.scheme,
-              target=args.target)
+              target=args.target, samples=4096 if args.tensorboard else 0)
     try:
         if args.fix or args.save_fixed:
             result = diagnosis.fix(model, x, loss_fn, args.seed, **kw)

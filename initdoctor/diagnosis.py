@@ -80,12 +80,15 @@ def _describe_input(x: Any) -> dict:
 
 def check(model: nn.Module, example_input: Any, loss_fn: Callable | None = None, seed: int = 0, *,
           select: list[str] | None = None, ignore: list[str] | None = None, keep: tuple[str, ...] = (),
-          scheme: str | None = None, target: str = "model") -> Diagnosis:
-    """Examine `model` on `example_input` with one forward and one backward pass; never mutates it."""
+          scheme: str | None = None, target: str = "model", samples: int = 0) -> Diagnosis:
+    """Examine `model` on `example_input` with one forward and one backward pass; never mutates it.
+
+    `samples` keeps that many values of each layer's weights and outputs for histograms.
+    """
     if not isinstance(model, nn.Module):
         raise TypeError(f"check() needs an nn.Module, got {type(model).__name__}")
     try:
-        stats = examine(model, example_input, loss_fn, seed)
+        stats = examine(model, example_input, loss_fn, seed, samples)
     except Exception as e:  # the user's model raised: say where, keep the cause
         raise ProbeError(f"the model's forward or backward pass raised {type(e).__name__}: {e}") from e
     findings = run_rules(stats, select, ignore)
@@ -139,13 +142,13 @@ def _adjust(model: nn.Module, after: Diagnosis, plan: list[Prescription]) -> lis
 
 def fix(model: nn.Module, example_input: Any, loss_fn: Callable | None = None, seed: int = 0, *,
         keep: tuple[str, ...] = (), scheme: str | None = None, select: list[str] | None = None,
-        ignore: list[str] | None = None, target: str = "model") -> FixResult:
+        ignore: list[str] | None = None, target: str = "model", samples: int = 0) -> FixResult:
     """Apply the prescription in place, examine again, adjust gains a few times, and report.
 
     If the cure does not reduce the fired findings, the weights are put back and the result says
     what initialization cannot do.
     """
-    kw = dict(select=select, ignore=ignore, keep=keep, scheme=scheme, target=target)
+    kw = dict(select=select, ignore=ignore, keep=keep, scheme=scheme, target=target, samples=samples)
     before = check(model, example_input, loss_fn, seed, **kw)
     plan = before.plan
     saved = {id(p): (p, p.detach().clone()) for p in model.parameters()}

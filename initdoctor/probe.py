@@ -30,8 +30,9 @@ from .stats import (
     ModelStats,
     Moments,
     SymmetryStats,
+    summary_of,
     units_view,
-    weight_summary,
+    weight_vec,
 )
 
 # --- what the functional calls mean ---------------------------------------------------------
@@ -310,6 +311,8 @@ class _FunctionWatch(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if self.rec.busy:
+            return func(*args, **kwargs)
         name = _fname(func)
         if self.rec.dropout_off and name in DROPOUTS:
             out = args[0] if args else kwargs["input"]
@@ -327,7 +330,7 @@ class Recorder:
     """
 
     def __init__(self, model: nn.Module, *, dropout_off: bool = False, functions: bool = True,
-                 gradients: bool = True) -> None:
+                 gradients: bool = True, samples: int = 0) -> None:
         self.model = model
         self.dropout_off = dropout_off
         self.functions = functions
@@ -342,6 +345,8 @@ class Recorder:
         self._stack: list[str] = []
         self._lineage = _Lineage()
         self._mode: _FunctionWatch | None = None
+        self.busy = False  # our own reductions run while the function mode is active: not the model's ops
+        self.samples = samples
         self.reset()
 
     # -- lifecycle --
@@ -357,7 +362,8 @@ class Recorder:
         self.outputs: set[str] = set()
         self.unknown: dict[str, str] = {}
         self.unit_dims: dict[str, int] = {}
-        self.model_out_nonfinite = 0
+        self._out_bad: list[torch.Tensor] = []
+        self._samples: dict[str, torch.Tensor] = {}
         self._stack.clear()
         self._lineage.clear()
 
@@ -366,9 +372,6 @@ class Recorder:
             for name, m in self.modules.items():
                 self._handles.append(m.register_forward_pre_hook(self._pre_hook(name)))
                 self._handles.append(m.register_forward_hook(self._post_hook(name)))
-            if self.functions:
-                self._mode = _FunctionWatch(self)
-                self._mode.__enter__()
         except BaseException:
             self.close()
             raise
@@ -387,8 +390,14 @@ class Recorder:
         self._handles.clear()
         self._stack.clear()
 
-    def stop_functions(self) -> None:
-        """Leave the function mode (the forward pass is over; backward needs none of it)."""
+    def _enter_functions(self) -> None:
+        # The mode lives for the model's forward only: backward, the loss and the optimizer step run
+        # without it, so steps that are not observed pay nothing.
+        if self.functions and self._mode is None:
+            self._mode = _FunctionWatch(self)
+            self._mode.__enter__()
+
+    def _exit_functions(self) -> None:
         if self._mode is not None:
             mode, self._mode = self._mode, None
             mode.__exit__(None, None, None)
@@ -404,20 +413,34 @@ class Recorder:
                 self.outputs.add(s)
                 self.activation.setdefault(s, ("identity", None, None))
             if t.is_floating_point():
-                self.model_out_nonfinite += int((~torch.isfinite(t.detach())).sum())
+                self._out_bad.append((~torch.isfinite(t.detach())).sum().double().reshape(1))
 
     # -- module hooks --
     def _pre_hook(self, name: str):
+        root = name == ""
+
         def hook(module, args):
+            if root:
+                self._enter_functions()
+                self.mark_inputs(args)
             self._stack.append(name)
         return hook
 
     def _post_hook(self, name: str):
+        root = name == ""
+
         def hook(module, args, output):
             if self._stack and self._stack[-1] == name:
                 self._stack.pop()
             if name in self.weight_layers:
-                self._record_layer(name, module, output)
+                self.busy = True
+                try:
+                    self._record_layer(name, module, output)
+                finally:
+                    self.busy = False
+            if root:
+                self.mark_outputs(output)
+                self._exit_functions()
         return hook
 
     def _record_layer(self, name: str, module: nn.Module, output: Any) -> None:
@@ -440,6 +463,8 @@ class Recorder:
         ud = unit_dim(module, y)
         self.unit_dims[target] = ud
         self.out[target] = self.out.get(target, Moments()).merge(Moments.of(units_view(y, ud)))
+        if self.samples and target not in self._samples:
+            self._samples[target] = y.detach().reshape(-1)[: self.samples].double()
         self._lineage.set(y, frozenset([target]), None)
         if self.gradients and y.requires_grad:
             def grad_hook(g, target=target, ud=ud):
@@ -535,14 +560,82 @@ class Recorder:
         self._lineage.set(out, frozenset(), kind)
 
     # -- results --
-    def finish(self, grads: dict[int, torch.Tensor] | None = None, backward: bool = True) -> ModelStats:
-        """Turn the accumulators into statistics. `grads` maps id(parameter) -> its gradient."""
+    # -- results --
+    def _main_weight(self, m: nn.Module) -> torch.Tensor | None:
+        if isinstance(m, nn.MultiheadAttention):
+            return m.in_proj_weight if m.in_proj_weight is not None else m.q_proj_weight
+        if isinstance(m, nn.RNNBase):
+            return m._parameters.get("weight_ih_l0")
+        return m._parameters.get("weight")
+
+    def raw(self, grads: dict[int, torch.Tensor] | None) -> list[tuple[tuple, torch.Tensor]]:
+        """Every accumulator as (key, float64 device tensor): the one buffer that crosses to the host."""
+        items: list[tuple[tuple, torch.Tensor]] = []
+
+        def moments(key: str, name: str, m: Moments) -> None:
+            if m.mean is None:
+                return
+            dev = m.mean.device
+            items.append(((key, name, "n"), torch.tensor([m.n], dtype=torch.float64, device=dev)))
+            items.append(((key, name, "mean"), m.mean))
+            items.append(((key, name, "m2"), m.m2))
+            items.append(((key, name, "absmax"), m.absmax))
+
+        for name, m in self.out.items():
+            moments("out", name, m)
+        for name, m in self.grad.items():
+            moments("grad", name, m)
+        for name, a in self.acts.items():
+            moments("act", name, a.out)
+            moments("actin", name, a.inp)
+            if a.sat is not None:
+                items.append((("sat", name), a.sat))
+            if a.maxv is not None:
+                items.append((("maxv", name), a.maxv))
+        for name in self._layer_names():
+            m = self.modules[name]
+            w = self._main_weight(m)
+            if w is not None:
+                items.append((("w", name), weight_vec(w)))
+                if grads is not None and id(w) in grads:
+                    gw = grads[id(w)].detach()
+                    items.append((("gw", name), torch.stack([gw.double().square().sum(),
+                                                              torch.tensor(float(gw.numel()), dtype=torch.float64,
+                                                                           device=gw.device)])))
+            b = m._parameters.get("bias")
+            if isinstance(b, torch.Tensor) and b.numel():
+                items.append((("b", name), weight_vec(b)))
+        for name, t in self._samples.items():
+            items.append((("sample", name), t))
+            w = self._main_weight(self.modules[name]) if name in self.modules else None
+            if w is not None:
+                items.append((("wsample", name), w.detach().reshape(-1)[: self.samples].double()))
+        if self._out_bad:
+            items.append((("outbad",), torch.cat([t.to(self._out_bad[0].device) for t in self._out_bad]).sum(0, True)))
+        params = [p for _, p in self.model.named_parameters() if p.is_floating_point()]
+        if params:
+            dev = params[0].device
+            items.append((("pbad",), torch.stack([(~torch.isfinite(p.detach())).sum().double().to(dev)
+                                                   for p in params])))
+        return items
+
+    def finish(self, grads: dict[int, torch.Tensor] | None = None, backward: bool = True,
+               reduce: Callable[[list], list] | None = None, symmetry: bool = True) -> ModelStats:
+        """Turn the accumulators into statistics. `grads` maps id(parameter) -> its gradient.
+
+        All accumulators go to the host in one flat buffer (one synchronization); `reduce`, when
+        given, combines that buffer across processes first (see distributed.py).
+        """
+        items = self.raw(grads)
+        if reduce is not None:
+            items = reduce(items)
+        host = _to_host(items)
+        self._load(host)
         layers: list[LayerStats] = []
         order = {n: i for i, n in enumerate(self.order)}
         seen_params: dict[int, str] = {}
         for name in self._layer_names():
-            m = self._module_of(name)
-            layers.append(self._layer_stats(name, m, order, grads, seen_params))
+            layers.append(self._layer_stats(name, self.modules[name], order, grads, seen_params, host, symmetry))
         acts = [self._act_stats(n, a) for n, a in self.acts.items()]
         by_layer = {a.layer: a for a in acts if a.layer}
         for lay in layers:
@@ -552,19 +645,35 @@ class Recorder:
                 lay.dead, lay.preact_std = a.dead, a.preact_std
         # Zero-weight norms are deliberate (zero-init residual): they are not norms to reset.
         norms = [n for n, m in self.modules.items()
-                 if isinstance(m, NORM_MODULES) and isinstance(getattr(m, "weight", None), torch.Tensor)
-                 and bool((m.weight.detach() != 0).any())]
-        stats = ModelStats(layers, acts, norms, self.model_out_nonfinite, backward)
+                 if isinstance(m, NORM_MODULES) and ("w", n) not in host and
+                 isinstance(getattr(m, "weight", None), torch.Tensor) and bool((m.weight.detach() != 0).any())]
+        out_bad = int(host[("outbad",)].sum()) if ("outbad",) in host else 0
+        stats = ModelStats(layers, acts, norms, out_bad, backward)
+        for key, t in host.items():
+            if key[0] in ("sample", "wsample"):
+                stats.samples[("activations" if key[0] == "sample" else "weights", key[1])] = t.float()
         for lay in layers:
             if lay.name in self.unknown:
                 stats.notes.append((lay.name, self.unknown[lay.name]))
-        weights = {f"{n}.weight" if n else "weight" for n in self.weight_layers}
-        for pname, p in self.model.named_parameters():
-            if pname not in weights and p.is_floating_point():
-                bad = int((~torch.isfinite(p.detach())).sum())
-                if bad:
-                    stats.nonfinite_params.append((pname, bad))
+        if ("pbad",) in host:
+            weights = {f"{n}.weight" if n else "weight" for n in self.weight_layers}
+            names = [n for n, p in self.model.named_parameters() if p.is_floating_point()]
+            for pname, bad in zip(names, host[("pbad",)].tolist()):
+                if bad and pname not in weights:
+                    stats.nonfinite_params.append((pname, int(bad)))
         return stats
+
+    def _load(self, host: dict) -> None:
+        """Replace the device accumulators by their host copies."""
+        def moments(key: str, name: str) -> Moments:
+            return Moments(float(host[(key, name, "n")][0]), host[(key, name, "mean")], host[(key, name, "m2")],
+                           host[(key, name, "absmax")]) if (key, name, "n") in host else Moments()
+
+        self.out = {name: moments("out", name) for name in self.out}
+        self.grad = {name: moments("grad", name) for name in self.grad}
+        for name, a in self.acts.items():
+            a.out, a.inp = moments("act", name), moments("actin", name)
+            a.sat, a.maxv = host.get(("sat", name)), host.get(("maxv", name))
 
     def _layer_names(self) -> list[str]:
         names = list(self.weight_layers)
@@ -579,12 +688,8 @@ class Recorder:
     def _module_of(self, name: str) -> nn.Module:
         return self.modules[name]
 
-    def _layer_stats(self, name, m, order, grads, seen_params) -> LayerStats:
-        w = m._parameters.get("weight")
-        if isinstance(m, nn.MultiheadAttention):
-            w = m.in_proj_weight if m.in_proj_weight is not None else m.q_proj_weight
-        elif isinstance(m, nn.RNNBase):
-            w = m._parameters.get("weight_ih_l0")
+    def _layer_stats(self, name, m, order, grads, seen_params, host, symmetry) -> LayerStats:
+        w = self._main_weight(m)
         params = [p for p in m._parameters.values() if p is not None]
         fi, fo = fans(m)
         lay = LayerStats(name=name, type=type(m).__name__, index=order.get(name, -1),
@@ -592,13 +697,12 @@ class Recorder:
                          weight_shape=list(w.shape) if w is not None else [], fan_in=fi, fan_out=fo,
                          frozen=bool(params) and not any(p.requires_grad for p in params),
                          dtype=str(w.dtype).replace("torch.", "") if w is not None else "float32")
-        if w is not None:
-            for k, v in weight_summary(w).items():
+        if ("w", name) in host:
+            for k, v in summary_of(host[("w", name)]).items():
                 setattr(lay, k, v)
-        b = m._parameters.get("bias")
-        if isinstance(b, torch.Tensor) and b.numel():
-            bf = b.detach().float()
-            lay.bias_mean, lay.bias_std = float(bf.mean()), float(bf.std(unbiased=False))
+        if ("b", name) in host:
+            bs = summary_of(host[("b", name)])
+            lay.bias_mean, lay.bias_std = bs["weight_mean"], bs["weight_std"]
         act = self.activation.get(name)
         if act is not None:
             lay.activation, lay.activation_param, lay.activation_module = act
@@ -619,13 +723,13 @@ class Recorder:
         if mg is not None and mg.mean is not None and mg.n > 0:
             lay.grad_nonfinite = mg.nonfinite_units()
             lay.grad_q = mg.q()
-        if grads is not None and w is not None and id(w) in grads:
-            gw = grads[id(w)].detach().float()
-            lay.weight_grad_rms = float(gw.square().mean().sqrt())
+        if ("gw", name) in host:
+            sumsq, count = host[("gw", name)].tolist()
+            lay.weight_grad_rms = math.sqrt(sumsq / max(count, 1.0))
             if lay.weight_rms:
                 lay.weight_grad_ratio = lay.weight_grad_rms / lay.weight_rms
         dup_tol = T.DUP_TOL.get(lay.dtype, T.DUP_TOL["default"])
-        if w is not None and id(w) not in seen_params:
+        if symmetry and w is not None and id(w) not in seen_params:
             seen_params[id(w)] = name
             for label, rows, grows, wcols in weight_rows(m, grads):
                 lay.symmetry.append(symmetry_of(label, rows, grows, wcols, dup_tol))
@@ -647,6 +751,25 @@ class Recorder:
 
 
 # --- one examination ------------------------------------------------------------------------
+
+
+def _to_host(items: list[tuple[tuple, torch.Tensor]]) -> dict[tuple, torch.Tensor]:
+    """One device-to-host copy for all accumulators."""
+    if not items:
+        return {}
+    by_dev: dict[torch.device, list[int]] = {}
+    for i, (_, t) in enumerate(items):
+        by_dev.setdefault(t.device, []).append(i)
+    out: dict[tuple, torch.Tensor] = {}
+    for idx in by_dev.values():
+        flat = torch.cat([items[i][1].reshape(-1).double() for i in idx]).cpu()
+        pos = 0
+        for i in idx:
+            key, t = items[i]
+            n = t.numel()
+            out[key] = flat[pos:pos + n].reshape(t.shape)
+            pos += n
+    return out
 
 
 def cotangent_loss(output: Any, seed: int) -> torch.Tensor:
@@ -687,7 +810,8 @@ def preserved(model: nn.Module, devices: list | None = None) -> Iterator[None]:
                 buf.copy_(saved)
 
 
-def examine(model: nn.Module, inputs: Any, loss_fn: Callable | None = None, seed: int = 0) -> ModelStats:
+def examine(model: nn.Module, inputs: Any, loss_fn: Callable | None = None, seed: int = 0,
+            samples: int = 0) -> ModelStats:
     """One forward and one backward pass under a Recorder; the model is left exactly as it was."""
     params = []
     seen: set[int] = set()
@@ -697,15 +821,12 @@ def examine(model: nn.Module, inputs: Any, loss_fn: Callable | None = None, seed
             params.append(p)
     devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
     args = inputs if isinstance(inputs, tuple) else (inputs,)
-    with preserved(model, devices), Recorder(model, dropout_off=True) as rec:
+    with preserved(model, devices), Recorder(model, dropout_off=True, samples=samples) as rec:
         model.train()
         for m in model.modules():
             if isinstance(m, nn.modules.dropout._DropoutNd):
                 m.eval()
-        rec.mark_inputs(args)
         output = model(*args)
-        rec.mark_outputs(output)
-        rec.stop_functions()
         loss = loss_fn(output, inputs) if loss_fn is not None else cotangent_loss(output, seed)
         grads: dict[int, torch.Tensor] = {}
         backward = isinstance(loss, torch.Tensor) and loss.requires_grad and bool(params)

@@ -78,17 +78,24 @@ class Moments:
         return int((~torch.isfinite(self.absmax)).sum())
 
 
-def weight_summary(w: torch.Tensor) -> dict:
-    w = w.detach().float()
-    finite = torch.isfinite(w)
-    nonfinite = int((~finite).sum())
-    wf = w[finite] if nonfinite else w.reshape(-1)
-    if wf.numel() == 0:
-        return {"weight_mean": None, "weight_std": None, "weight_rms": None, "weight_nonfinite": nonfinite}
-    mean = float(wf.double().mean())
-    std = float(wf.double().std(unbiased=False))
-    rms = math.sqrt(std * std + mean * mean)
-    return {"weight_mean": mean, "weight_std": std, "weight_rms": rms, "weight_nonfinite": nonfinite}
+def weight_vec(w: torch.Tensor) -> torch.Tensor:
+    """[finite count, mean, centred sum of squares, non-finite count] of a tensor, on its device."""
+    x = w.detach().reshape(-1).double()
+    finite = torch.isfinite(x)
+    n = finite.sum().double()
+    xf = torch.where(finite, x, torch.zeros((), dtype=x.dtype, device=x.device))
+    mean = xf.sum() / n.clamp_min(1.0)
+    m2 = torch.where(finite, (x - mean).square(), torch.zeros((), dtype=x.dtype, device=x.device)).sum()
+    return torch.stack([n, mean, m2, float(x.numel()) - n])
+
+
+def summary_of(vec: torch.Tensor) -> dict:
+    n, mean, m2, bad = vec.tolist()
+    if n == 0:
+        return {"weight_mean": None, "weight_std": None, "weight_rms": None, "weight_nonfinite": int(bad)}
+    std = math.sqrt(m2 / n)
+    return {"weight_mean": mean, "weight_std": std, "weight_rms": math.sqrt(std * std + mean * mean),
+            "weight_nonfinite": int(bad)}
 
 
 def _finite(x: float | None) -> float | None:
@@ -197,6 +204,8 @@ class ModelStats:
     backward: bool = True
     notes: list[tuple[str, str]] = field(default_factory=list)  # (layer, op) for unknown consumers
     nonfinite_params: list[tuple[str, int]] = field(default_factory=list)  # other than layer weights
+    # (kind, layer) -> a few values of weights/activations for histograms; never serialized
+    samples: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict, repr=False)
 
     def layer(self, name: str) -> LayerStats:
         for lay in self.layers:

@@ -1,0 +1,195 @@
+"""Keeping watch over a training run.
+
+    with initdoctor.watch(model, log_dir="runs/exp1", every=100) as doctor:
+        for batch in loader:
+            ...; loss.backward(); optimizer.step()
+            doctor.step()
+
+Hooks are attached only for the steps that are sampled (0, every, 2*every, ...): the other steps run
+the bare model. A sampled step observes the user's own forward and backward, reduces on the device,
+and synchronizes once when `step()` closes it. The same rules as `check` run on what it saw; a
+finding that appears, or gets worse, is reported once through `warnings` and `logging`.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Any
+
+from torch import nn
+
+from . import distributed
+from .codes import SEVERITY_RANK
+from .diagnosis import Diagnosis
+from .probe import Recorder
+from .rules import Finding, run_rules
+from .stats import ModelStats
+
+log = logging.getLogger("initdoctor")
+log.addHandler(logging.NullHandler())  # a library logs; the application decides where it goes
+
+HISTORY_FIELDS = ("signal", "q", "grad_q", "saturated", "dead", "weight_grad_ratio")
+
+
+class InitDoctorWarning(UserWarning):
+    """A finding that appeared, or got worse, while training."""
+
+
+class Watch:
+    """Samples statistics every `every` steps; see `initdoctor.watch`."""
+
+    def __init__(self, model: nn.Module, log_dir: str | None = None, writer: Any = None, every: int = 100, *,
+                 select: list[str] | None = None, ignore: list[str] | None = None, histograms: bool | None = None,
+                 images_every: int = 10, warn: bool = True, group: Any = None) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"watch() needs an nn.Module, got {type(model).__name__}")
+        if not isinstance(every, int) or every < 1:
+            raise ValueError(f"every={every!r}: give a positive number of steps between samples")
+        if log_dir is not None and writer is not None:
+            raise ValueError("give log_dir or writer, not both")
+        self.model = model
+        self.every = every
+        self.select, self.ignore = select, ignore
+        self.images_every = max(int(images_every), 1)
+        self.warn = warn
+        self.group = group
+        self._log_dir = log_dir
+        self.writer = writer
+        self._own_writer = False
+        n_params = sum(p.numel() for p in model.parameters())
+        # Histograms cost a pass over every weight: on by default for small models only.
+        self.histograms = n_params <= 5_000_000 if histograms is None else histograms
+        self.steps = 0  # completed steps
+        self.samples = 0  # completed samples
+        self.history: list[dict] = []
+        self.last: Diagnosis | None = None
+        self._warned: dict[str, int] = {}
+        self._rec: Recorder | None = None
+        self._layout_written = False
+
+    # -- context --
+    def __enter__(self) -> Watch:
+        if self._log_dir is not None and self._is_writer_rank():
+            from .report.tensorboard import open_writer
+
+            self.writer = open_writer(self._log_dir)
+            self._own_writer = True
+        self._arm()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._disarm()
+        if self._own_writer and self.writer is not None:
+            self.writer.close()
+            self.writer = None
+            self._own_writer = False
+        elif self.writer is not None:
+            self.writer.flush()
+
+    # -- the loop --
+    def step(self) -> Diagnosis | None:
+        """Close the current training step; returns the diagnosis when this step was sampled."""
+        diag = None
+        if self._rec is not None:
+            diag = self._sample()
+        self.steps += 1
+        if self.steps % self.every == 0:
+            self._arm()
+        return diag
+
+    @property
+    def sampling(self) -> bool:
+        """Whether hooks are attached for the step in progress."""
+        return self._rec is not None
+
+    def _arm(self) -> None:
+        if self._rec is None:
+            rec = Recorder(self.model, samples=4096 if self.histograms else 0)
+            rec.__enter__()
+            self._rec = rec
+
+    def _disarm(self) -> None:
+        if self._rec is not None:
+            rec, self._rec = self._rec, None
+            rec.close()
+
+    def _is_writer_rank(self) -> bool:
+        return distributed.rank(self.group) == 0
+
+    def _sample(self) -> Diagnosis:
+        rec = self._rec
+        self._disarm()
+        params = {}
+        for p in self.model.parameters():
+            if p.grad is not None:
+                params[id(p)] = p.grad
+        reduce = distributed.reducer(self.group) if distributed.active(self.group) else None
+        stats = rec.finish(params or None, backward=bool(rec.grad), reduce=reduce, symmetry=self.samples == 0)
+        findings = run_rules(stats, self.select, self.ignore)
+        diag = Diagnosis(stats, findings, [], target=type(self.model).__name__)
+        self.last = diag
+        self.history.append(_record(self.steps, stats))
+        if self._is_writer_rank():
+            self._report(findings)
+            if self.writer is not None:
+                self._write(diag)
+        self.samples += 1
+        return diag
+
+    def _report(self, findings: list[Finding]) -> None:
+        for f in findings:
+            if not f.fired:
+                continue
+            rank = SEVERITY_RANK[f.severity]
+            if self._warned.get(f.code, -1) >= rank:
+                continue
+            worse = f.code in self._warned
+            self._warned[f.code] = rank
+            text = (f"initdoctor step {self.steps}: {f.code} {f.name} ({f.severity}"
+                    f"{', worse than before' if worse else ''}): {f.message}")
+            log.warning(text)
+            if self.warn:
+                warnings.warn(text, InitDoctorWarning, stacklevel=3)
+
+    def _write(self, diag: Diagnosis) -> None:
+        from .report.tensorboard import write_stats
+
+        images = self.samples % self.images_every == 0
+        write_stats(self.writer, diag, self.steps, images=images, histograms=self.histograms and images,
+                    history=self.history, layout_written=self._layout_written)
+        self._layout_written = True
+        self.writer.flush()
+
+
+def _record(step: int, stats: ModelStats) -> dict:
+    layers = {}
+    for lay in stats.ran():
+        layers[lay.name] = {k: getattr(lay, k) for k in HISTORY_FIELDS}
+    return {"step": step, "layers": layers}
+
+
+def watch(model: nn.Module, log_dir: str | None = None, writer: Any = None, every: int = 100, **kw) -> Watch:
+    """Keep watch over `model` in a training loop; call `.step()` once per training step.
+
+    Args:
+        model: the module being trained.
+        log_dir: write TensorBoard event files here (rank 0 only), or
+        writer: an existing `SummaryWriter` to write into.
+        every: sample one step in this many (steps 0, every, 2*every, ...).
+        select, ignore: code prefixes, as on the command line.
+        histograms: weight/activation histograms (default: models up to 5M parameters).
+        images_every: write the depth-profile and history images every this many samples.
+        warn: issue a Python warning (besides logging) when a finding appears or gets worse.
+        group: the torch.distributed process group to reduce over (default: the world).
+
+    Example:
+        >>> with initdoctor.watch(model, log_dir="runs/exp1", every=100) as doctor:
+        ...     for x, y in loader:
+        ...         opt.zero_grad(); loss_fn(model(x), y).backward(); opt.step()
+        ...         doctor.step()
+    """
+    return Watch(model, log_dir=log_dir, writer=writer, every=every, **kw)
