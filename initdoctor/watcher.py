@@ -153,7 +153,7 @@ class Watch:
                     f"{', worse than before' if worse else ''}): {f.message}")
             log.warning(text)
             if self.warn:
-                warnings.warn(text, InitDoctorWarning, stacklevel=3)
+                warnings.warn(text, InitDoctorWarning, stacklevel=4)
 
     def _write(self, diag: Diagnosis) -> None:
         from .report.tensorboard import write_stats

@@ -61,7 +61,7 @@ def test_hooks_only_on_sampled_steps_and_removed_on_error():
     seen = []
     with pytest.raises(RuntimeError, match="boom"):
         with initdoctor.watch(model, every=4) as doctor:
-            for i in range(6):
+            for _ in range(6):
                 seen.append(doctor.sampling)
                 train(model, 1)
                 doctor.step()

@@ -9,6 +9,7 @@ import textwrap
 from typing import Any
 
 WIDTH = 100
+MAX_ROWS = 60
 _COLORS = {"error": "31;1", "warning": "33;1", "info": "36", "ok": "32;1", "dim": "2", "bold": "1"}
 
 
@@ -47,7 +48,15 @@ def _short(name: str, width: int) -> str:
 def layer_table(diag, color: bool) -> list[str]:
     head = f"{'layer':<22} {'type':<10} {'fan in/out':>11} {'act':<9} {'signal':>8} {'q':>8} {'grad G':>8} {'sat':>5} {'dead':>5}"
     lines = [_paint(head, "bold", color)]
-    for lay in sorted(diag.stats.layers, key=lambda lay: (lay.index < 0, lay.index)):
+    rows = sorted(diag.stats.layers, key=lambda lay: (lay.index < 0, lay.index))
+    hidden = 0
+    if len(rows) > MAX_ROWS:  # the terminal shows both ends; JSON has every layer
+        hidden = len(rows) - MAX_ROWS
+        rows = rows[: MAX_ROWS // 2] + [None] + rows[-MAX_ROWS // 2:]
+    for lay in rows:
+        if lay is None:
+            lines.append(_paint(f"… {hidden} more layer(s); --format json lists them all", "dim", color))
+            continue
         fans = f"{lay.fan_in if lay.fan_in is not None else '-'}/{lay.fan_out if lay.fan_out is not None else '-'}"
         act = (lay.activation or "-")[:9]
         row = (f"{_short(lay.name, 22):<22} {lay.type[:10]:<10} {fans:>11} {act:<9} {num(lay.signal):>8} "
@@ -70,16 +79,30 @@ def findings_block(findings, color: bool, title: str = "Findings") -> list[str]:
     return lines
 
 
+def _runs(plan):
+    """Consecutive entries with the same prescription, as (first, last, count, entry)."""
+    runs: list[list] = []
+    for p in plan:
+        key = (p.scheme, round(p.gain, 4), p.mode, p.bias, p.reason, p.apply)
+        if runs and runs[-1][0] == key:
+            runs[-1][2].append(p)
+        else:
+            runs.append([key, p, [p]])
+    return [(r[2][0].layer, r[2][-1].layer, len(r[2]), r[1]) for r in runs]
+
+
 def plan_block(plan, color: bool) -> list[str]:
     active = [p for p in plan if p.apply]
     if not active:
-        return [_paint("Plan: keep the current initialization.", "ok", color)] + [
-            f"  {p.layer}: {p.reason}" for p in plan[:1]]
+        reasons = sorted({p.reason for p in plan})
+        return [_paint("Plan: keep the current initialization.", "ok", color)] + [f"  {r}" for r in reasons[:3]]
     lines = [_paint(f"Plan: re-initialize {len(active)} of {len(plan)} layer(s)", "bold", color)]
-    for p in plan:
-        what = (f"{p.scheme}(gain={p.gain:.3g}, {p.mode})" if p.apply else "keep")
+    for first, last, n, p in _runs(plan):
+        where = _short(first, 30) if n == 1 else f"{_short(first, 12)} … {_short(last, 12)} ({n})"
+        what = f"{p.scheme}(gain={p.gain:.3g}, {p.mode})" if p.apply else "keep"
         bias = f", bias {p.bias}" if p.apply and p.bias not in ("none", "keep") else ""
-        lines.append(f"  {_short(p.layer, 22):<22} {what + bias:<44} {p.reason}"[:WIDTH + 40])
+        lines.append(f"  {where:<32} {what + bias}")
+        lines += textwrap.wrap(p.reason, WIDTH - 6, initial_indent="      ", subsequent_indent="      ")
     return lines
 
 
