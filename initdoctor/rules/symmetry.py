@@ -33,10 +33,14 @@ class ConstantWeights(Rule):
                     sev = "error"
                     why = ("its gradient is " + ("zero" if sym.zero else "constant too")
                            + ", so every entry receives the same update and it can never move apart")
-                elif sym.zero:
+                elif sym.zero and sym.grad_rows_differ:
                     sev, why = "info", "a deliberate zero-init: its gradient rows differ, so it moves on the first step"
-                else:
+                elif sym.grad_rows_differ:
                     sev, why = "info", "its gradient rows differ, so the first step breaks the constant"
+                else:
+                    sev = "info"
+                    why = ("its gradient varies along each row, so entries move apart, but the rows stay "
+                           "identical (see ID103)")
                 out.append(self.finding(
                     sev, [where],
                     f"every entry of {where} ({lay.type} {'x'.join(map(str, lay.weight_shape))}) is {what}; {why}."
