@@ -436,6 +436,8 @@ class Recorder:
                 self.busy = True
                 try:
                     self._record_layer(name, module, output)
+                    if isinstance(module, (nn.LSTM, nn.GRU)):
+                        self._record_gates(name, module, args, output)
                 finally:
                     self.busy = False
             if root:
@@ -470,6 +472,60 @@ class Recorder:
             def grad_hook(g, target=target, ud=ud):
                 self.grad[target] = self.grad.get(target, Moments()).merge(Moments.of(units_view(g, ud)))
             y.register_hook(grad_hook)
+
+    def _record_gates(self, name: str, m: nn.RNNBase, args: tuple, output: Any) -> None:
+        """Rebuild LSTM/GRU gate pre-activations from the weights, the input and the output sequence.
+
+        The fused op hides the gates; the previous hidden state is the previous output step, so the
+        pre-activations follow without re-running the recurrence (single-layer modules; deeper
+        layers' inputs are not returned and are noted instead).
+        """
+        x = args[0] if args else None
+        out = output[0] if isinstance(output, tuple) else output
+        if (not isinstance(x, torch.Tensor) or not isinstance(out, torch.Tensor) or m.num_layers != 1
+                or getattr(m, "proj_size", 0) or x.dim() != 3):
+            self.unknown.setdefault(name, "fused recurrent gates (not rebuilt)")
+            return
+        with torch.no_grad():
+            if not m.batch_first:
+                x, out = x.transpose(0, 1), out.transpose(0, 1)
+            h0 = args[1] if len(args) > 1 else None
+            if isinstance(h0, tuple):
+                h0 = h0[0]
+            hid = m.hidden_size
+            gate_names = ("i", "f", "g", "o") if isinstance(m, nn.LSTM) else ("r", "z", "n")
+            kinds = {"g": "tanh", "n": "tanh"}
+            for d, suffix in enumerate([""] + (["_reverse"] if m.bidirectional else [])):
+                w_ih, w_hh = getattr(m, f"weight_ih_l0{suffix}"), getattr(m, f"weight_hh_l0{suffix}")
+                b_ih = getattr(m, f"bias_ih_l0{suffix}", None) if m.bias else None
+                b_hh = getattr(m, f"bias_hh_l0{suffix}", None) if m.bias else None
+                hs = out[..., d * hid:(d + 1) * hid]
+                start = h0[d].unsqueeze(1) if isinstance(h0, torch.Tensor) else torch.zeros_like(hs[:, :1])
+                if d == 0:
+                    prev = torch.cat([start, hs[:, :-1]], 1)
+                else:  # the reverse direction runs from the last step back
+                    prev = torch.cat([hs[:, 1:], start], 1)
+                gi = nn.functional.linear(x, w_ih, b_ih)
+                gh = nn.functional.linear(prev, w_hh, b_hh)
+                gi_parts, gh_parts = gi.chunk(len(gate_names), -1), gh.chunk(len(gate_names), -1)
+                for k, gname in enumerate(gate_names):
+                    if gname == "n":  # GRU: n = tanh(W_in x + b_in + r * (W_hn h + b_hn))
+                        r = torch.sigmoid(gi_parts[0] + gh_parts[0])
+                        pre = gi_parts[k] + r * gh_parts[k]
+                    else:
+                        pre = gi_parts[k] + gh_parts[k]
+                    kind = kinds.get(gname, "sigmoid")
+                    post = torch.tanh(pre) if kind == "tanh" else torch.sigmoid(pre)
+                    rec = f"{name}:{gname}{suffix}"
+                    acc = self.acts.get(rec)
+                    if acc is None:
+                        acc = self.acts[rec] = ActAcc(kind, None, index=len(self.acts))
+                    acc.calls += 1
+                    yv, xv = units_view(post, -1), units_view(pre, -1)
+                    acc.out = acc.out.merge(Moments.of(yv))
+                    acc.inp = acc.inp.merge(Moments.of(xv))
+                    cnt = _sat_mask(kind, yv.float()).sum(0).double()
+                    acc.sat = cnt if acc.sat is None else acc.sat + cnt
 
     # -- functional calls --
     def _on_function(self, name: str, args: tuple, kwargs: dict, out: Any) -> None:

@@ -64,4 +64,5 @@ class RnnInternals(Rule):
         if not rnns:
             return []
         return [self.finding("info", rnns, "recurrent layers compute their gates inside one fused op; "
-                             "initdoctor sees their outputs and weights, not the gates themselves.")]
+                             "initdoctor rebuilds the gate pre-activations of single-layer LSTM/GRU modules from the "
+                             "weights, the input and the output sequence, and checks them for saturation.")]
