@@ -55,6 +55,9 @@ def apply_plan(model: nn.Module, plan: list[Prescription], seed: int = 0) -> lis
     modules = dict(model.named_modules())
     done: set[int] = set()  # tied parameters are drawn once
     written: list[str] = []
+    for entry in plan:  # a kept layer's parameters stay as they are, also through a layer tied to them
+        if (not entry.apply or entry.scheme == "keep") and entry.layer in modules:
+            done.update(id(p) for p in modules[entry.layer].parameters(recurse=False))
 
     def write(prefix: str, pname: str, p: torch.Tensor | None, value: torch.Tensor) -> None:
         if p is None or id(p) in done:

@@ -263,6 +263,9 @@ def load_data(path: str) -> Any:
 def example_batch(loaded: Loaded, shape: str | None, dtype: str | None, batch_size: int | None, seed: int,
                   data: str | None = None) -> tuple[Any, bool]:
     """(batch, inferred) in the order: --data, --input-shape, example_input(), inference."""
+    if dtype and not shape:
+        parse_dtype(dtype)
+        raise UsageError(f"--input-dtype {dtype} needs --input-shape (it sets the dtype of the random batch)")
     if data:
         return load_data(data), False
     if shape:

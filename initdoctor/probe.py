@@ -159,54 +159,41 @@ def weight_rows(m: nn.Module, grads: dict[int, torch.Tensor] | None) -> Iterator
 def duplicate_groups(rows: torch.Tensor, tol_rel: float) -> list[list[int]]:
     """Groups of rows equal within tol_rel * (largest row norm), in O(n log n).
 
-    Rows are projected on a fixed random direction and sorted; only rows whose projections are
-    within the tolerance can be equal, and each such run is split by direct comparison.
+    Rows are projected on a fixed random direction and sorted; rows can be equal only where their
+    projections are, so only neighbours in that order are compared, all at once. Chains of equal
+    neighbours form the groups.
     """
     n = rows.shape[0]
     if n < 2:
         return []
     x = rows.detach().float()
-    finite = torch.isfinite(x).all(1)
-    if not bool(finite.all()):
+    norms = x.norm(dim=1)
+    scale = float(norms.max())
+    if not math.isfinite(scale):
         return []
-    scale = float(x.norm(dim=1).max())
     if scale == 0.0:
         return [list(range(n))]
     tol = tol_rel * scale
     gen = torch.Generator(device="cpu").manual_seed(0)
     v = torch.randn(x.shape[1], generator=gen, dtype=torch.float32).to(x.device)
     v = v / v.norm()
-    p = x @ v
-    order = torch.argsort(p)
-    ps = p[order]
-    close = (ps[1:] - ps[:-1]) <= tol
-    if not bool(close.any()):
+    order = torch.argsort(x @ v)
+    xs = x[order]
+    same = (xs[1:] - xs[:-1]).norm(dim=1) <= tol
+    if not bool(same.any()):
         return []
-    order = order.tolist()
-    close = close.tolist()
+    order_l = order.tolist()
     groups: list[list[int]] = []
-    run = [order[0]]
-    for i, c in enumerate(close):
-        if c:
-            run.append(order[i + 1])
-            continue
-        groups += _split_run(x, run, tol)
-        run = [order[i + 1]]
-    groups += _split_run(x, run, tol)
+    current: list[int] = []
+    for i in torch.nonzero(same).flatten().tolist():
+        if current and current[-1] == order_l[i]:
+            current.append(order_l[i + 1])
+        else:
+            if current:
+                groups.append(sorted(current))
+            current = [order_l[i], order_l[i + 1]]
+    groups.append(sorted(current))
     return sorted(groups, key=lambda grp: grp[0])
-
-
-def _split_run(x: torch.Tensor, run: list[int], tol: float) -> list[list[int]]:
-    out = []
-    while len(run) > 1:
-        idx = torch.tensor(run, device=x.device)
-        d = (x[idx] - x[idx[0]]).norm(dim=1)
-        same = (d <= tol).tolist()
-        grp = [r for r, s in zip(run, same) if s]
-        if len(grp) > 1:
-            out.append(sorted(grp))
-        run = [r for r, s in zip(run, same) if not s]
-    return out
 
 
 def symmetry_of(label: str, rows: torch.Tensor, grows: torch.Tensor | None, wcols: int,
@@ -214,9 +201,10 @@ def symmetry_of(label: str, rows: torch.Tensor, grows: torch.Tensor | None, wcol
     """Constant/zero (weights alone, bias excluded) and duplicate rows (weights with bias)."""
     w = rows.detach().float()
     wo = w[:, :wcols]
-    finite = bool(torch.isfinite(w).all())
-    constant = finite and wo.numel() > 1 and float(wo.max() - wo.min()) <= tol_rel * max(float(wo.abs().max()), 1e-30)
-    zero = finite and bool((wo == 0).all())
+    lo, hi = (float(v) for v in torch.aminmax(wo)) if wo.numel() else (0.0, 0.0)
+    finite = math.isfinite(lo) and math.isfinite(hi)
+    constant = finite and wo.numel() > 1 and hi - lo <= tol_rel * max(abs(lo), abs(hi), 1e-30)
+    zero = finite and lo == 0.0 and hi == 0.0
     groups = duplicate_groups(w, tol_rel) if finite else []
     grad_constant = grad_differ = None
     frozen: list[list[int]] = []
@@ -224,8 +212,9 @@ def symmetry_of(label: str, rows: torch.Tensor, grows: torch.Tensor | None, wcol
         gr = grows.detach().float()
         gtol = tol_rel * max(float(gr.norm(dim=1).max()) if gr.numel() else 0.0, 1e-30)
         gw = gr[:, :wcols]
-        gwmax = float(gw.abs().max()) if gw.numel() else 0.0
-        grad_constant = gwmax == 0.0 or float(gw.max() - gw.min()) <= tol_rel * gwmax
+        glo, ghi = (float(v) for v in torch.aminmax(gw)) if gw.numel() else (0.0, 0.0)
+        gwmax = max(abs(glo), abs(ghi))
+        grad_constant = gwmax == 0.0 or ghi - glo <= tol_rel * gwmax
         grad_differ = bool((gr - gr[0]).norm(dim=1).max() > gtol) if gr.shape[0] > 1 else False
         for grp in groups:
             idx = torch.tensor(grp, device=gr.device)
@@ -668,7 +657,8 @@ class Recorder:
                 items.append((("wsample", name), w.detach().reshape(-1)[: self.samples].double()))
         if self._out_bad:
             items.append((("outbad",), torch.cat([t.to(self._out_bad[0].device) for t in self._out_bad]).sum(0, True)))
-        params = [p for _, p in self.model.named_parameters() if p.is_floating_point()]
+        mains = {id(self._main_weight(self.modules[n])) for n in self._layer_names()}
+        params = [p for _, p in self.model.named_parameters() if p.is_floating_point() and id(p) not in mains]
         if params:
             dev = params[0].device
             items.append((("pbad",), torch.stack([(~torch.isfinite(p.detach())).sum().double().to(dev)
@@ -712,10 +702,10 @@ class Recorder:
             if lay.name in self.unknown:
                 stats.notes.append((lay.name, self.unknown[lay.name]))
         if ("pbad",) in host:
-            weights = {f"{n}.weight" if n else "weight" for n in self.weight_layers}
-            names = [n for n, p in self.model.named_parameters() if p.is_floating_point()]
+            mains = {id(self._main_weight(self.modules[n])) for n in self._layer_names()}
+            names = [n for n, p in self.model.named_parameters() if p.is_floating_point() and id(p) not in mains]
             for pname, bad in zip(names, host[("pbad",)].tolist()):
-                if bad and pname not in weights:
+                if bad:
                     stats.nonfinite_params.append((pname, int(bad)))
         return stats
 
@@ -754,10 +744,10 @@ class Recorder:
                          frozen=bool(params) and not any(p.requires_grad for p in params),
                          dtype=str(w.dtype).replace("torch.", "") if w is not None else "float32")
         if ("w", name) in host:
-            for k, v in summary_of(host[("w", name)]).items():
+            for k, v in summary_of(host[("w", name)], w).items():
                 setattr(lay, k, v)
         if ("b", name) in host:
-            bs = summary_of(host[("b", name)])
+            bs = summary_of(host[("b", name)], m._parameters.get("bias"))
             lay.bias_mean, lay.bias_std = bs["weight_mean"], bs["weight_std"]
         act = self.activation.get(name)
         if act is not None:
@@ -877,7 +867,8 @@ def examine(model: nn.Module, inputs: Any, loss_fn: Callable | None = None, seed
             params.append(p)
     devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
     args = inputs if isinstance(inputs, tuple) else (inputs,)
-    with preserved(model, devices), Recorder(model, dropout_off=True, samples=samples) as rec:
+    # enable_grad: a caller inside torch.no_grad() still gets the backward pass it asked for.
+    with preserved(model, devices), torch.enable_grad(), Recorder(model, dropout_off=True, samples=samples) as rec:
         model.train()
         for m in model.modules():
             if isinstance(m, nn.modules.dropout._DropoutNd):

@@ -79,23 +79,31 @@ class Moments:
 
 
 def weight_vec(w: torch.Tensor) -> torch.Tensor:
-    """[finite count, mean, centred sum of squares, non-finite count] of a tensor, on its device."""
-    x = w.detach().reshape(-1).double()
-    finite = torch.isfinite(x)
-    n = finite.sum().double()
-    xf = torch.where(finite, x, torch.zeros((), dtype=x.dtype, device=x.device))
-    mean = xf.sum() / n.clamp_min(1.0)
-    m2 = torch.where(finite, (x - mean).square(), torch.zeros((), dtype=x.dtype, device=x.device)).sum()
-    return torch.stack([n, mean, m2, float(x.numel()) - n])
+    """[count, sum, sum of squares, finite flag] of a tensor, on its device, in two passes.
+
+    Weights are centred near zero, so the one-pass variance is exact enough here (unlike for
+    activations, see Moments). Any NaN/Inf makes the sums non-finite, which is the flag.
+    """
+    x = w.detach().reshape(-1)
+    x = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    s1 = x.sum(dtype=torch.float64)
+    s2 = torch.dot(x, x).double() if x.numel() else s1 * 0
+    n = torch.tensor(float(x.numel()), dtype=torch.float64, device=x.device)
+    return torch.stack([n, s1, s2, torch.isfinite(s1 + s2).double()])
 
 
-def summary_of(vec: torch.Tensor) -> dict:
-    n, mean, m2, bad = vec.tolist()
+def summary_of(vec: torch.Tensor, w: torch.Tensor | None = None) -> dict:
+    """Mean, std and rms from `weight_vec`; with non-finite entries, their count (read from `w`)."""
+    n, s1, s2, finite = vec.tolist()
+    if not finite:
+        bad = int((~torch.isfinite(w.detach())).sum()) if w is not None else 1
+        return {"weight_mean": None, "weight_std": None, "weight_rms": None, "weight_nonfinite": bad}
     if n == 0:
-        return {"weight_mean": None, "weight_std": None, "weight_rms": None, "weight_nonfinite": int(bad)}
-    std = math.sqrt(m2 / n)
-    return {"weight_mean": mean, "weight_std": std, "weight_rms": math.sqrt(std * std + mean * mean),
-            "weight_nonfinite": int(bad)}
+        return {"weight_mean": None, "weight_std": None, "weight_rms": None, "weight_nonfinite": 0}
+    mean = s1 / n
+    rms = math.sqrt(max(s2 / n, 0.0))
+    return {"weight_mean": mean, "weight_std": math.sqrt(max(s2 / n - mean * mean, 0.0)), "weight_rms": rms,
+            "weight_nonfinite": 0}
 
 
 def _finite(x: float | None) -> float | None:

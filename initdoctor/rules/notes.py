@@ -36,11 +36,14 @@ class GradientBlocked(Rule):
         if not stats.backward:
             return []
         zeros = [lay for lay in stats.ran() if lay.weight_rms == 0]
-        blocked = [lay.name for lay in stats.ran() if lay.grad_q == 0 and lay.weight_rms]
-        if not (zeros and blocked):
+        blocked = [lay for lay in stats.ran() if lay.grad_q == 0 and lay.weight_rms
+                   and any(z.index > lay.index for z in zeros)]
+        if not blocked:
             return []
-        return [self.finding("info", blocked, f"{len(blocked)} layer(s) see exactly zero gradient because "
-                             f"zero-initialized {zeros[0].name} lies downstream; it opens after one step.",
+        first = next(z for z in zeros if z.index > blocked[0].index)
+        return [self.finding("info", [b.name for b in blocked],
+                             f"{len(blocked)} layer(s) see exactly zero gradient because zero-initialized "
+                             f"{first.name} lies downstream; it opens after one step.",
                              zero_layers=[z.name for z in zeros])]
 
 

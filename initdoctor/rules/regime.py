@@ -8,6 +8,16 @@ from ..stats import ModelStats
 from . import Finding, Rule, register
 
 
+def _module_paths(hits) -> list[str]:
+    """Module paths of the hit activations: the layer they follow, else the module (RNN gates: 'rnn:i')."""
+    out: list[str] = []
+    for h in hits:
+        name = h[1].layer or h[1].name.split(":")[0]
+        if name not in out:
+            out.append(name)
+    return out
+
+
 def _worst(sevs: list[str]) -> str:
     return "error" if "error" in sevs else "warning"
 
@@ -30,7 +40,7 @@ class SaturatedActivations(Rule):
             return []
         worst = max(hits, key=lambda h: h[2])
         _, a, s, u = worst
-        names = [h[1].layer or h[1].name for h in hits]
+        names = _module_paths(hits)
         return [self.finding(
             _worst([h[0] for h in hits]), names,
             f"{len(hits)} {a.kind} layer(s) work on their flat tails: at {a.layer or a.name} {s:.0%} of outputs "
@@ -63,7 +73,7 @@ class LinearRegime(Rule):
             sev = "warning" if _fired_collapse_or_vanishing(stats) else "info"
             med = sorted(a.preact_std for a in small)[len(small) // 2]
             out.append(self.finding(
-                sev, [a.layer or a.name for a in small],
+                sev, _module_paths([(None, a) for a in small]),
                 f"{len(small)} of {len(acts)} {kind} layers see inputs with a per-unit std of about {med:.2g} "
                 f"(below {limit}), where {kind} is nearly a straight line: the stack behaves like one linear "
                 f"map" + (" and the signal or gradient dies with depth." if sev == "warning" else ".")
@@ -90,7 +100,7 @@ class DeadUnits(Rule):
         worst = max(hits, key=lambda h: h[1].dead)[1]
         near = " (near-dead: never positive)" if worst.kind in ("gelu", "silu") else ""
         return [self.finding(
-            _worst([h[0] for h in hits]), [h[1].layer or h[1].name for h in hits],
+            _worst([h[0] for h in hits]), _module_paths(hits),
             f"{len(hits)} {worst.kind} layer(s) have mostly dead units{near}: at {worst.layer or worst.name} "
             f"{worst.dead:.0%} of units output zero for every example, so they get no gradient and never "
             f"recover. Use He init with zero biases (negative biases or too-large weights kill units).",
