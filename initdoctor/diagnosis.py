@@ -68,6 +68,14 @@ class Diagnosis:
         return render(self, color=False)
 
 
+def eager(model: Any) -> nn.Module:
+    """The module itself; a `torch.compile`d model is examined through the module it wraps."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"initdoctor needs an nn.Module, got {type(model).__name__}")
+    inner = getattr(model, "_orig_mod", None)
+    return inner if isinstance(inner, nn.Module) else model
+
+
 def _describe_input(x: Any) -> dict:
     ts = [t for t in (x if isinstance(x, tuple) else (x,)) if isinstance(t, torch.Tensor)]
     if not ts:
@@ -85,8 +93,7 @@ def check(model: nn.Module, example_input: Any, loss_fn: Callable | None = None,
 
     `samples` keeps that many values of each layer's weights and outputs for histograms.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"check() needs an nn.Module, got {type(model).__name__}")
+    model = eager(model)
     try:
         stats = examine(model, example_input, loss_fn, seed, samples)
     except Exception as e:  # the user's model raised: say where, keep the cause
@@ -148,6 +155,7 @@ def fix(model: nn.Module, example_input: Any, loss_fn: Callable | None = None, s
     If the cure does not reduce the fired findings, the weights are put back and the result says
     what initialization cannot do.
     """
+    model = eager(model)
     kw = dict(select=select, ignore=ignore, keep=keep, scheme=scheme, target=target, samples=samples)
     before = check(model, example_input, loss_fn, seed, **kw)
     plan = before.plan

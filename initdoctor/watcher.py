@@ -44,6 +44,10 @@ class Watch:
                  images_every: int = 10, warn: bool = True, group: Any = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"watch() needs an nn.Module, got {type(model).__name__}")
+        if isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            raise TypeError("watch() cannot observe inside a torch.compile'd model (its hooks and functional "
+                            "calls are traced away); watch the eager model, or compile after a short watched "
+                            "warm-up")
         if not isinstance(every, int) or every < 1:
             raise ValueError(f"every={every!r}: give a positive number of steps between samples")
         if log_dir is not None and writer is not None:
