@@ -55,6 +55,9 @@ CODES: dict[str, Code] = {
              "nothing"),
         Code("ID906", "cannot-cure", "initialization alone cannot cure what remains",
              "change the architecture as the finding says"),
+        Code("ID907", "deep-plain-stack",
+             "a deep stack without normalization or skip connections: hard to train even when well initialized",
+             "add residual connections or normalization, or use a small learning rate"),
     ]
 }
 

@@ -352,6 +352,7 @@ class Recorder:
         self.unknown: dict[str, str] = {}
         self.unit_dims: dict[str, int] = {}
         self._out_bad: list[torch.Tensor] = []
+        self.residual_adds = 0
         self._samples: dict[str, torch.Tensor] = {}
         self._stack.clear()
         self._lineage.clear()
@@ -551,6 +552,10 @@ class Recorder:
                     self.normalized.add(s)
         if name in PASSTHROUGH or name in NORMS or name in DROPOUTS or name == "get":
             if isinstance(x, torch.Tensor) and isinstance(out, torch.Tensor):
+                if name in ("add", "iadd", "radd") and len(args) > 1 and (srcs or act):
+                    other = self._lineage.get(args[1])
+                    if (other[0] or other[1]) and isinstance(args[1], torch.Tensor) and args[1].shape == x.shape:
+                        self.residual_adds += 1  # two signals of the network meet: a skip connection
                 for t in args[1:]:
                     s2, a2 = self._lineage.get(t)
                     srcs |= s2
@@ -695,6 +700,7 @@ class Recorder:
                  isinstance(getattr(m, "weight", None), torch.Tensor) and bool((m.weight.detach() != 0).any())]
         out_bad = int(host[("outbad",)].sum()) if ("outbad",) in host else 0
         stats = ModelStats(layers, acts, norms, out_bad, backward)
+        stats.residual_adds = self.residual_adds
         for key, t in host.items():
             if key[0] in ("sample", "wsample"):
                 stats.samples[("activations" if key[0] == "sample" else "weights", key[1])] = t.float()

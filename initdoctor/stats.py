@@ -212,6 +212,7 @@ class ModelStats:
     backward: bool = True
     notes: list[tuple[str, str]] = field(default_factory=list)  # (layer, op) for unknown consumers
     nonfinite_params: list[tuple[str, int]] = field(default_factory=list)  # other than layer weights
+    residual_adds: int = 0  # additions of two signals of the network (skip connections)
     # (kind, layer) -> a few values of weights/activations for histograms; never serialized
     samples: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict, repr=False)
 

@@ -260,3 +260,30 @@ def test_a_few_hundred_layers():
     d = initdoctor.check(model, torch.randn(32, 16))
     assert len(d.stats.ran()) == 300
     assert [lay.index for lay in d.stats.ran()] == list(range(300))
+
+
+class _ResidualMLP(nn.Module):
+    def __init__(self, depth: int = 32, width: int = 16):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Linear(width, width) for _ in range(depth))
+
+    def forward(self, x):
+        for fc in self.blocks:
+            x = x + torch.relu(fc(x)) * 0.1
+        return x
+
+
+def test_deep_plain_stack_is_named_and_skips_or_norms_silence_it():
+    plain = nn.Sequential(*[m for _ in range(32) for m in (nn.Linear(16, 16), nn.ReLU())])
+    for m in plain:
+        if isinstance(m, nn.Linear):
+            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+    x = torch.randn(32, 16)
+    d = initdoctor.check(plain, x)
+    (note,) = [f for f in d.findings if f.code == "ID907"]
+    assert note.severity == "info" and note.evidence["depth"] == 32
+    assert initdoctor.check(_ResidualMLP(), x).stats.residual_adds == 32
+    assert "ID907" not in {f.code for f in initdoctor.check(_ResidualMLP(), x).findings}
+    normed = nn.Sequential(*[m for _ in range(32) for m in (nn.Linear(16, 16), nn.LayerNorm(16), nn.ReLU())])
+    assert "ID907" not in {f.code for f in initdoctor.check(normed, x).findings}
+    assert initdoctor.check(ResNet(), torch.randn(4, 3, 16, 16)).stats.residual_adds == 4

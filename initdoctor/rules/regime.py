@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from .. import thresholds as T
 from ..graph import severity_for_ratio, trends
+from ..schemes import recommend, std_of
 from ..stats import ModelStats
 from . import Finding, Rule, register
+from .scale import tanh_depth
 
 
 def _module_paths(hits) -> list[str]:
@@ -72,14 +74,37 @@ class LinearRegime(Rule):
                 continue
             sev = "warning" if _fired_collapse_or_vanishing(stats) else "info"
             med = sorted(a.preact_std for a in small)[len(small) // 2]
+            prescribed = _at_prescribed_scale(stats, small)
+            if prescribed:
+                advice = (" The weights already have the prescribed scale: the signal narrows through "
+                          f"{kind}'s curvature (its gain is exact only for small inputs)"
+                          + ("; see the depth findings." if sev == "warning" else "; no action needed."))
+            else:
+                advice = (" Grow the weights to Xavier's scale"
+                          + (" (gain 4 with centring)." if kind == "sigmoid" else "."))
             out.append(self.finding(
                 sev, _module_paths([(None, a) for a in small]),
                 f"{len(small)} of {len(acts)} {kind} layers see inputs with a per-unit std of about {med:.2g} "
                 f"(below {limit}), where {kind} is nearly a straight line: the stack behaves like one linear "
-                f"map" + (" and the signal or gradient dies with depth." if sev == "warning" else ".")
-                + " Grow the weights to Xavier's scale" + (" (gain 4 with centring)." if kind == "sigmoid" else "."),
-                preact_std={a.name: a.preact_std for a in small}, limit=limit))
+                f"map" + (" and the signal or gradient dies with depth." if sev == "warning" else ".") + advice,
+                preact_std={a.name: a.preact_std for a in small}, limit=limit, prescribed_scale=prescribed))
         return out
+
+
+def _at_prescribed_scale(stats: ModelStats, acts) -> bool:
+    """Whether every layer feeding these activations is drawn within 1.5x of its prescribed std."""
+    depth = tanh_depth(stats)
+    for a in acts:
+        if not a.layer:
+            return False
+        lay = stats.layer(a.layer)
+        if not (lay.weight_std and lay.fan_in and lay.fan_out):
+            return False
+        scheme, g, _, _ = recommend(lay, depth)
+        want = std_of(scheme, g, lay.fan_in, lay.fan_out)
+        if not want or not 1 / 1.5 <= lay.weight_std / want <= 1.5:
+            return False
+    return True
 
 
 @register
