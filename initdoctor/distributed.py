@@ -4,7 +4,8 @@ Each rank packs its accumulators (counts, per-unit means, centred sums of square
 of saturated samples) into one flat float64 buffer; one `all_gather` brings every rank's buffer to
 every rank, and Chan's parallel formula combines the moments, so tiny variances survive and the
 result equals one process that saw the concatenated batch. Weights and weight gradients are
-replicated under DDP, so rank 0's copy is used. Every rank must run the same modules.
+replicated under DDP, so rank 0's copy is used; under FSDP2 each rank holds a shard (a DTensor) and
+their sums add up. Every rank must run the same modules.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ import torch
 
 from .stats import Moments
 
-_SUM = {"sat", "outbad", "pbad"}
-_MAX = {"maxv"}
+_SUM = {"sat", "outbad"}
+_MAX = {"maxv", "pbad"}  # per-parameter non-finite counts: replicated under DDP
 
 
 def active(group=None) -> bool:
@@ -50,6 +51,10 @@ def combine(items: list[tuple[tuple, list[torch.Tensor]]]) -> list[tuple[tuple, 
                                  ("mean", merged.mean), ("m2", merged.m2), ("absmax", merged.absmax)):
                 out.append((base + (field,), value))
                 done.add(base + (field,))
+            continue
+        if key[-1] == "sum":  # shards of a sharded parameter (FSDP): their parts add up
+            out.append((key[:-1], torch.stack(copies).sum(0)))
+            done.add(key)
             continue
         if key[0] in _SUM:
             value = torch.stack(copies).sum(0)

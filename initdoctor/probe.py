@@ -107,15 +107,31 @@ def fans(m: nn.Module) -> tuple[int | None, int | None]:
     return fi, fo
 
 
+def _sharded(t: Any) -> bool:
+    """A DTensor (FSDP2's sharded parameters and gradients)."""
+    return hasattr(t, "placements") and hasattr(t, "to_local")
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """The part of a tensor this process holds."""
+    return t.to_local() if _sharded(t) else t
+
+
+def full(t: torch.Tensor | None) -> torch.Tensor | None:
+    """The whole tensor (a collective for a sharded one: every rank must ask in the same order)."""
+    return t.full_tensor() if t is not None and _sharded(t) else t
+
+
 def weight_rows(m: nn.Module, grads: dict[int, torch.Tensor] | None) -> Iterator[tuple]:
     """(label, rows, gradient rows) per unit-matrix of a layer: one row per output unit, bias appended."""
 
     def g(p: torch.Tensor | None) -> torch.Tensor | None:
         if p is None or grads is None:
             return None
-        return grads.get(id(p))
+        return full(grads.get(id(p)))
 
     def rows(w, b, gw, gb, transpose=False):
+        w, b = full(w), full(b)
         w2 = (w.transpose(0, 1) if transpose else w).detach().reshape(w.shape[1] if transpose else w.shape[0], -1)
         gw2 = None if gw is None else (gw.transpose(0, 1) if transpose else gw).reshape(w2.shape)
         wcols = w2.shape[1]
@@ -129,7 +145,7 @@ def weight_rows(m: nn.Module, grads: dict[int, torch.Tensor] | None) -> Iterator
     if isinstance(m, nn.MultiheadAttention):
         e = m.embed_dim
         if m.in_proj_weight is not None:
-            w, b = m.in_proj_weight, m.in_proj_bias
+            w, b = full(m.in_proj_weight), full(m.in_proj_bias)
             gw, gb = g(w), g(b)
             for i, part in enumerate("qkv"):
                 sl = slice(i * e, (i + 1) * e)
@@ -642,31 +658,35 @@ class Recorder:
                 items.append((("sat", name), a.sat))
             if a.maxv is not None:
                 items.append((("maxv", name), a.maxv))
+        def shards(key: tuple, t: torch.Tensor) -> tuple:
+            # the parts of a sharded tensor add up across ranks; a replicated one is taken from rank 0
+            return key + ("sum",) if _sharded(t) else key
+
         for name in self._layer_names():
             m = self.modules[name]
             w = self._main_weight(m)
             if w is not None:
-                items.append((("w", name), weight_vec(w)))
+                items.append((shards(("w", name), w), weight_vec(local(w))))
                 if grads is not None and id(w) in grads:
-                    gw = grads[id(w)].detach()
-                    items.append((("gw", name), torch.stack([gw.double().square().sum(),
-                                                              torch.tensor(float(gw.numel()), dtype=torch.float64,
-                                                                           device=gw.device)])))
+                    gw = local(grads[id(w)].detach())
+                    items.append((shards(("gw", name), grads[id(w)]),
+                                  torch.stack([gw.double().square().sum(),
+                                               torch.tensor(float(gw.numel()), dtype=torch.float64, device=gw.device)])))
             b = m._parameters.get("bias")
             if isinstance(b, torch.Tensor) and b.numel():
-                items.append((("b", name), weight_vec(b)))
+                items.append((shards(("b", name), b), weight_vec(local(b))))
         for name, t in self._samples.items():
             items.append((("sample", name), t))
             w = self._main_weight(self.modules[name]) if name in self.modules else None
             if w is not None:
-                items.append((("wsample", name), w.detach().reshape(-1)[: self.samples].double()))
+                items.append((("wsample", name), local(w).detach().reshape(-1)[: self.samples].double()))
         if self._out_bad:
             items.append((("outbad",), torch.cat([t.to(self._out_bad[0].device) for t in self._out_bad]).sum(0, True)))
         mains = {id(self._main_weight(self.modules[n])) for n in self._layer_names()}
         params = [p for _, p in self.model.named_parameters() if p.is_floating_point() and id(p) not in mains]
         if params:
             dev = params[0].device
-            items.append((("pbad",), torch.stack([(~torch.isfinite(p.detach())).sum().double().to(dev)
+            items.append((("pbad",), torch.stack([(~torch.isfinite(local(p).detach())).sum().double().to(dev)
                                                    for p in params])))
         return items
 
@@ -697,7 +717,7 @@ class Recorder:
         # Zero-weight norms are deliberate (zero-init residual): they are not norms to reset.
         norms = [n for n, m in self.modules.items()
                  if isinstance(m, NORM_MODULES) and ("w", n) not in host and
-                 isinstance(getattr(m, "weight", None), torch.Tensor) and bool((m.weight.detach() != 0).any())]
+                 isinstance(getattr(m, "weight", None), torch.Tensor) and bool((local(m.weight).detach() != 0).any())]
         out_bad = int(host[("outbad",)].sum()) if ("outbad",) in host else 0
         stats = ModelStats(layers, acts, norms, out_bad, backward)
         stats.residual_adds = self.residual_adds
@@ -750,10 +770,10 @@ class Recorder:
                          frozen=bool(params) and not any(p.requires_grad for p in params),
                          dtype=str(w.dtype).replace("torch.", "") if w is not None else "float32")
         if ("w", name) in host:
-            for k, v in summary_of(host[("w", name)], w).items():
+            for k, v in summary_of(host[("w", name)], local(w)).items():
                 setattr(lay, k, v)
         if ("b", name) in host:
-            bs = summary_of(host[("b", name)], m._parameters.get("bias"))
+            bs = summary_of(host[("b", name)], local(m._parameters.get("bias")))
             lay.bias_mean, lay.bias_std = bs["weight_mean"], bs["weight_std"]
         act = self.activation.get(name)
         if act is not None:
@@ -819,7 +839,7 @@ def _to_host(items: list[tuple[tuple, torch.Tensor]]) -> dict[tuple, torch.Tenso
         for i in idx:
             key, t = items[i]
             n = t.numel()
-            out[key] = flat[pos:pos + n].reshape(t.shape)
+            out[key[:-1] if key[-1] == "sum" else key] = flat[pos:pos + n].reshape(t.shape)
             pos += n
     return out
 

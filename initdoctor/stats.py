@@ -79,23 +79,24 @@ class Moments:
 
 
 def weight_vec(w: torch.Tensor) -> torch.Tensor:
-    """[count, sum, sum of squares, finite flag] of a tensor, on its device, in two passes.
+    """[count, sum, sum of squares, non-finite flag] of a tensor, on its device, in two passes.
 
     Weights are centred near zero, so the one-pass variance is exact enough here (unlike for
-    activations, see Moments). Any NaN/Inf makes the sums non-finite, which is the flag.
+    activations, see Moments). Any NaN/Inf makes the sums non-finite, which sets the flag. All four
+    add up over the shards of a sharded parameter.
     """
     x = w.detach().reshape(-1)
     x = x if x.dtype in (torch.float32, torch.float64) else x.float()
     s1 = x.sum(dtype=torch.float64)
     s2 = torch.dot(x, x).double() if x.numel() else s1 * 0
     n = torch.tensor(float(x.numel()), dtype=torch.float64, device=x.device)
-    return torch.stack([n, s1, s2, torch.isfinite(s1 + s2).double()])
+    return torch.stack([n, s1, s2, (~torch.isfinite(s1 + s2)).double()])
 
 
 def summary_of(vec: torch.Tensor, w: torch.Tensor | None = None) -> dict:
     """Mean, std and rms from `weight_vec`; with non-finite entries, their count (read from `w`)."""
-    n, s1, s2, finite = vec.tolist()
-    if not finite:
+    n, s1, s2, nonfinite = vec.tolist()
+    if nonfinite:
         bad = int((~torch.isfinite(w.detach())).sum()) if w is not None else 1
         return {"weight_mean": None, "weight_std": None, "weight_rms": None, "weight_nonfinite": bad}
     if n == 0:

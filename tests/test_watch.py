@@ -178,7 +178,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+def _ddp_worker(rank: int, world: int, port: int, out_dir: str, fsdp: bool = False) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -186,7 +186,16 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         torch.set_num_threads(1)
-        model = DDP(tanh_mlp(3))
+        if fsdp:
+            from torch.distributed.fsdp import fully_shard
+
+            model = tanh_mlp(3)
+            for m in model:
+                if isinstance(m, nn.Linear):
+                    fully_shard(m)
+            fully_shard(model)
+        else:
+            model = DDP(tanh_mlp(3))
         x = torch.randn(32, 32, generator=torch.Generator().manual_seed(5))
         eps = torch.randn(32, 4, generator=torch.Generator().manual_seed(6))
         part = slice(rank * 16, (rank + 1) * 16)
@@ -194,16 +203,17 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
             (model(x[part]) * eps[part]).sum().backward()
             diag = doctor.step()
         if rank == 0:
-            torch.save({lay.name: (lay.signal, lay.q, lay.grad_q) for lay in diag.stats.ran()},
-                       os.path.join(out_dir, "ddp.pt"))
+            torch.save({lay.name: (lay.signal, lay.q, lay.grad_q, lay.weight_std, lay.weight_grad_rms)
+                        for lay in diag.stats.ran()}, os.path.join(out_dir, "ddp.pt"))
     finally:
         dist.destroy_process_group()
 
 
-def test_ddp_two_processes_match_one_process_on_the_whole_batch(tmp_path):
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
+def test_two_processes_match_one_process_on_the_whole_batch(tmp_path, fsdp):
     import torch.multiprocessing as mp
 
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path), fsdp), nprocs=2, join=True)
     got = torch.load(tmp_path / "ddp.pt", weights_only=True)
     model = tanh_mlp(3)
     x = torch.randn(32, 32, generator=torch.Generator().manual_seed(5))
@@ -211,8 +221,12 @@ def test_ddp_two_processes_match_one_process_on_the_whole_batch(tmp_path):
     with initdoctor.watch(model, every=1, warn=False) as doctor:
         (model(x) * eps).sum().backward()
         diag = doctor.step()
-    want = {lay.name: (lay.signal, lay.q, lay.grad_q) for lay in diag.stats.ran()}
+    want = {lay.name: (lay.signal, lay.q, lay.grad_q, lay.weight_std, lay.weight_grad_rms)
+            for lay in diag.stats.ran()}
     assert {k.removeprefix("module.") for k in got} == set(want)
     for name, values in got.items():
-        for a, b in zip(values, want[name.removeprefix("module.")]):
-            assert a == pytest.approx(b, rel=1e-5)
+        signal, q, grad_q, wstd, wgrad = values
+        ref = want[name.removeprefix("module.")]
+        assert (signal, q, grad_q, wstd) == pytest.approx(ref[:4], rel=1e-5)
+        # each rank's gradient comes from its half of a summed loss; DDP/FSDP average them
+        assert wgrad == pytest.approx(ref[4] / 2, rel=1e-5)
