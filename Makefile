@@ -7,6 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(TORCH_VERSION)
 
 export MPLBACKEND := Agg
+export NO_MKDOCS_2_WARNING := 1
 
 .PHONY: setup demo test lint docs bench clean
 

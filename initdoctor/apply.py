@@ -12,6 +12,7 @@ from torch import nn
 from .plan import Prescription
 
 _GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
+_INIT_STREAM = 0x1D0C_7011  # offsets the weight stream from every seed-derived batch
 
 
 def _draw(shape: torch.Size, scheme: str, gain: float, mode: str, gen: torch.Generator) -> torch.Tensor:
@@ -51,7 +52,8 @@ def centre(module: nn.Module) -> None:
 
 def apply_plan(model: nn.Module, plan: list[Prescription], seed: int = 0) -> list[str]:
     """Apply every entry with apply=True, in place under no_grad. Returns the parameters written."""
-    gen = torch.Generator().manual_seed(seed)
+    # Not `seed` itself: the CLI draws the example batch from it, and the weights must not copy it.
+    gen = torch.Generator().manual_seed(_INIT_STREAM + seed)
     modules = dict(model.named_modules())
     done: set[int] = set()  # tied parameters are drawn once
     written: list[str] = []

@@ -91,6 +91,9 @@ def _check(args) -> int:
         raise UsageError(f"--device {args.device!r} is not a device; use cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {args.device}: CUDA is not available on this machine; use --device cpu")
+    # The model file runs in this process: seeding here makes unseeded files give the same model
+    # (and report) from run to run.
+    torch.manual_seed(args.seed)
     loaded = load(args.target, args.model, args.arch)
     model = loaded.model
     if hasattr(model, "_orig_mod") and isinstance(model._orig_mod, torch.nn.Module):

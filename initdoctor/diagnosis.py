@@ -13,7 +13,7 @@ from torch import nn
 from . import __version__
 from . import thresholds as T
 from .apply import apply_plan, scale_layer
-from .codes import SEVERITY_RANK
+from .codes import SEVERITY_RANK, matches
 from .graph import severity_for_ratio, trends
 from .plan import Prescription, architectural, make_plan
 from .probe import examine
@@ -185,9 +185,12 @@ def fix(model: nn.Module, example_input: Any, loss_fn: Callable | None = None, s
         written = []
     arch = architectural(after.findings)
     remaining = [f for f in after.fired() if f.code.startswith(("ID2", "ID3"))]
-    if arch or (remaining and not cured):
+    wanted = (not select or matches("ID906", select)) and not (ignore and matches("ID906", ignore))
+    if wanted and (arch or (remaining and not cured)):
+        order = {lay.name: lay.index for lay in after.stats.layers}
+        names = sorted({n for f in (arch or remaining) for n in f.layers}, key=lambda n: order.get(n, 1 << 30))
         after.findings.append(Finding(
-            "ID906", "info", sorted({n for f in (arch or remaining) for n in f.layers})[:8],
+            "ID906", "info", names[:8],
             "initialization alone cannot cure " + ", ".join(sorted({f.code for f in (arch or remaining)}))
             + ": " + ("the layers are followed by normalization, which undoes any init scale, yet gradients "
                       "still grow through the plain stack; add residual connections (or use fewer layers)."

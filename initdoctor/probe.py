@@ -490,8 +490,7 @@ class Recorder:
         out = output[0] if isinstance(output, tuple) else output
         if (not isinstance(x, torch.Tensor) or not isinstance(out, torch.Tensor) or m.num_layers != 1
                 or getattr(m, "proj_size", 0) or x.dim() != 3):
-            self.unknown.setdefault(name, "fused recurrent gates (not rebuilt)")
-            return
+            return  # ID905 says which recurrent layers were not rebuilt
         with torch.no_grad():
             if not m.batch_first:
                 x, out = x.transpose(0, 1), out.transpose(0, 1)

@@ -27,8 +27,19 @@ def gain(activation: str | None, param: float | None = None) -> float:
 
 
 def slope_factor(activation: str | None, param: float | None = None) -> float:
-    """Share of a zero-mean Gaussian's second moment that passes the nonlinearity (small inputs)."""
-    return 1.0 / gain(activation, param) ** 2 if activation != "sigmoid" else 1.0 / 16.0
+    """Share of a zero-mean input's second moment that passes the nonlinearity, for small inputs.
+
+    Rectifiers keep half (leaky: (1 + a^2)/2); tanh's slope at 0 is 1 (its gain of 5/3 answers its
+    saturation, not its slope); sigmoid's slope of 1/4 keeps 1/16.
+    """
+    if activation in ("relu", "gelu", "silu", "elu", "softplus"):
+        return 0.5
+    if activation == "leaky_relu":
+        a = 0.01 if param is None else param
+        return (1 + a * a) / 2
+    if activation == "sigmoid":
+        return 1.0 / 16.0
+    return 1.0
 
 
 def default_linear_std(fan_in: int) -> float:

@@ -64,4 +64,3 @@ TANH_DEEP = 20
 TANH_DEEP_GAIN = 1.0
 SIGMOID_GAIN = 4.0  # undoes sigmoid's slope of 1/4 at the origin
 LSUV_ITERATIONS = 3  # bounded re-examinations after a fix
-LSUV_BAND = 2.0  # a per-layer factor within [1/2, 2] of target is left alone

@@ -747,3 +747,25 @@ def test_duplicate_groups_edge_cases():
     w = torch.randn(6, 3, generator=torch.Generator().manual_seed(0))
     w[4] = w[1] * (1 + 1e-7)  # float32 rounding of the same row: still a duplicate
     assert duplicate_groups(w, 1e-5) == [[1, 4]]
+
+
+def test_zero_tensor_whose_rows_move_together_is_unbreakable():
+    # W1 = 0 feeding a tanh: its gradient rows are equal (the next layer's columns are), not constant
+    stats = _sym(constant=True, zero=True, grad_constant=False, grad_rows_differ=False,
+                 duplicate_groups=[[0, 1, 2, 3]], frozen_groups=[[0, 1, 2, 3]])
+    assert {(f.code, f.severity) for f in run_rules(stats)} == {("ID101", "info"), ("ID103", "error")}
+
+
+def test_fix_weights_do_not_copy_the_probe_batch():
+    # the CLI draws its batch from --seed; the prescription must draw from another stream
+    from initdoctor.loading import make_batch
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[m for _ in range(6) for m in (torch.nn.Linear(128, 128), torch.nn.ReLU())])
+    for m in model[::2]:
+        torch.nn.init.normal_(m.weight, 0.0, 1.0)  # exploding: the plan re-draws every layer
+    x = make_batch((64, 128), torch.float32, 0)
+    assert initdoctor.fix(model, x, seed=0).written
+    w = model[0].weight.detach()[:64]
+    corr = torch.corrcoef(torch.stack([w.flatten(), x.flatten()]))[0, 1]
+    assert abs(float(corr)) < 0.05

@@ -67,9 +67,17 @@ class RnnInternals(Rule):
         rnns = [lay.name for lay in stats.ran() if lay.type in ("LSTM", "GRU", "RNN")]
         if not rnns:
             return []
-        return [self.finding("info", rnns, "recurrent layers compute their gates inside one fused op; "
-                             "initdoctor rebuilds the gate pre-activations of single-layer LSTM/GRU modules from the "
-                             "weights, the input and the output sequence, and checks them for saturation.")]
+        rebuilt = {a.name.rsplit(":", 1)[0] for a in stats.activations if a.layer is None and ":" in a.name}
+        seen = [n for n in rnns if n in rebuilt]
+        unseen = [n for n in rnns if n not in rebuilt]
+        msg = "recurrent layers compute their gates inside one fused op."
+        if seen:
+            msg += (f" Rebuilt from the weights, the input and the output sequence, and checked for saturation: "
+                    f"{', '.join(seen)}.")
+        if unseen:
+            msg += (f" Not rebuilt (plain RNN, several layers or projections; only outputs and weights are "
+                    f"examined): {', '.join(unseen)}.")
+        return [self.finding("info", rnns, msg, rebuilt=seen, not_rebuilt=unseen)]
 
 
 @register

@@ -79,6 +79,9 @@ class LinearRegime(Rule):
                 advice = (" The weights already have the prescribed scale: the signal narrows through "
                           f"{kind}'s curvature (its gain is exact only for small inputs)"
                           + ("; see the depth findings." if sev == "warning" else "; no action needed."))
+            elif any(a.layer is None for a in small):
+                advice = (" These are recurrent gates: grow the recurrent layer's weights (Xavier input weights, "
+                          "orthogonal recurrent weights; see the plan).")
             else:
                 advice = (" Grow the weights to Xavier's scale"
                           + (" (gain 4 with centring)." if kind == "sigmoid" else "."))

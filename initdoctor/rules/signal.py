@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from .. import thresholds as T
 from ..graph import Trend, severity_for_ratio, trends
-from ..schemes import gain, looks_default, slope_factor
+from ..schemes import centre_bias, looks_default, recommend, slope_factor
 from ..stats import ModelStats
 from . import Finding, Rule, register
+from .scale import tanh_depth
 
 
 def _advice(stats: ModelStats, trend: Trend) -> tuple[str, dict]:
@@ -18,10 +19,11 @@ def _advice(stats: ModelStats, trend: Trend) -> tuple[str, dict]:
     act, param = lay.activation, lay.activation_param
     factor = lay.fan_in * lay.weight_std ** 2 * slope_factor(act, param)
     ev["predicted_factor_per_layer"] = factor
-    target = "kaiming_normal_(w, nonlinearity='relu')" if act in ("relu", "gelu", "silu") else (
-        f"kaiming_normal_(w, a={param}, nonlinearity='leaky_relu')" if act == "leaky_relu" else
-        f"xavier_uniform_(w, gain={gain(act, param):.3g})")
-    frac = f"about 1/{1 / factor:.0f}" if factor < 1 else f"{factor:.3g}x"
+    scheme, g, mode, _ = recommend(lay, tanh_depth(stats))
+    target = f"{scheme}_(w, mode='{mode}') scaled to gain {g:.3g}" if scheme.startswith("kaiming") else (
+        f"{scheme}_(w, gain={g:.3g})" + (" with bias = -0.5 * rowsum(W)" if centre_bias(lay) else ""))
+    target += " (see the plan)"
+    frac = f"about 1/{1 / factor:.0f}" if factor < 0.5 else f"{factor:.2g}x"
     text = (f" fan_in * Var(W) * slope^2 = {factor:.3g} per layer ({frac} of the variance passes each "
             f"{act or 'linear'} layer).")
     if looks_default(lay.weight_std, lay.fan_in):
@@ -59,6 +61,11 @@ class _TrendRule(Rule):
             if sev is None:
                 continue
             extra, ev = _advice(stats, trend)
+            if trend.metric == "gradient":
+                # weight-gradient RMS relative to weight scale, for reference: it misleads on its own
+                # (Glorot's cancellation keeps it flat in a deep Xavier ReLU net whose G falls 1e9)
+                ratios = [stats.layer(n).weight_grad_ratio for n in (trend.layers[0], trend.layers[-1])]
+                ev["weight_grad_ratio_first_last"] = ratios
             out.append(self.finding(sev, trend.layers, _message(self.describe(trend), trend, extra),
                                     **_evidence(trend), **ev))
         return out

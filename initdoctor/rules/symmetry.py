@@ -52,8 +52,8 @@ class ConstantWeights(Rule):
 def _dups(stats: ModelStats, frozen: bool):
     for lay in stats.layers:
         for sym in lay.symmetry:
-            if sym.zero or not sym.duplicate_groups:
-                continue  # an all-zero tensor is ID101's
+            if not sym.duplicate_groups or (sym.zero and not (frozen and sym.grad_constant is False)):
+                continue  # a zero tensor is ID101's, unless its rows move but move together (ID103)
             groups = sym.frozen_groups if frozen else sym.duplicate_groups
             if groups:
                 yield lay, sym, groups
