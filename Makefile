@@ -25,7 +25,7 @@ demo: setup
 	$(BIN)/initdoctor check examples/xavier_classic.py --fix --fail-on never
 
 test: setup
-	$(BIN)/ruff check initdoctor tests examples benchmarks
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 	$(BIN)/mkdocs build --strict --quiet --site-dir $(VENV)/site
 
