@@ -40,15 +40,15 @@ def combine(items: list[tuple[tuple, list[torch.Tensor]]]) -> list[tuple[tuple, 
     for key, copies in items:
         if key in done:
             continue
-        if len(key) == 3 and key[2] in ("n", "mean", "m2", "absmax"):
+        if len(key) == 3 and key[2] in ("n", "mean", "m2"):
             base = key[:2]
             merged = Moments()
             for r in range(len(copies)):
                 merged = merged.merge(Moments(float(parts[base + ("n",)][r][0]), parts[base + ("mean",)][r],
-                                              parts[base + ("m2",)][r], parts[base + ("absmax",)][r]))
+                                              parts[base + ("m2",)][r]))
             dev = copies[0].device
             for field, value in (("n", torch.tensor([merged.n], dtype=torch.float64, device=dev)),
-                                 ("mean", merged.mean), ("m2", merged.m2), ("absmax", merged.absmax)):
+                                 ("mean", merged.mean), ("m2", merged.m2)):
                 out.append((base + (field,), value))
                 done.add(base + (field,))
             continue

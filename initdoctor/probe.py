@@ -644,7 +644,6 @@ class Recorder:
             items.append(((key, name, "n"), torch.tensor([m.n], dtype=torch.float64, device=dev)))
             items.append(((key, name, "mean"), m.mean))
             items.append(((key, name, "m2"), m.m2))
-            items.append(((key, name, "absmax"), m.absmax))
 
         for name, m in self.out.items():
             moments("out", name, m)
@@ -737,8 +736,8 @@ class Recorder:
     def _load(self, host: dict) -> None:
         """Replace the device accumulators by their host copies."""
         def moments(key: str, name: str) -> Moments:
-            return Moments(float(host[(key, name, "n")][0]), host[(key, name, "mean")], host[(key, name, "m2")],
-                           host[(key, name, "absmax")]) if (key, name, "n") in host else Moments()
+            return Moments(float(host[(key, name, "n")][0]), host[(key, name, "mean")],
+                           host[(key, name, "m2")]) if (key, name, "n") in host else Moments()
 
         self.out = {name: moments("out", name) for name in self.out}
         self.grad = {name: moments("grad", name) for name in self.grad}

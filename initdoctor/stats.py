@@ -29,24 +29,22 @@ class Moments:
     n: float = 0.0
     mean: torch.Tensor | None = None
     m2: torch.Tensor | None = None
-    absmax: torch.Tensor | None = None  # per unit, nan/inf propagate: the non-finite detector
 
     @staticmethod
     def of(x: torch.Tensor) -> Moments:
-        """Reduce a (samples, units) tensor; stays on its device."""
+        """Reduce a (samples, units) tensor in two passes; stays on its device, never synchronizes.
+
+        Both passes accumulate in float64, and the second is centred, so a variance of 1e-17 next to a
+        mean of 0.5 survives, and squares of values up to 1e150 do not overflow. A NaN or Inf in a
+        unit makes its mean or m2 non-finite, which is how `nonfinite_units` finds it.
+        """
         x = x.detach()
         if x.shape[0] == 0:
             return Moments()
-        x = x if x.dtype == torch.float64 else x.float()
-        absmax = x.abs().amax(0)
-        # Dividing each unit by its largest magnitude keeps squares finite for any finite input
-        # without a device synchronization to ask whether they would overflow.
-        scale = absmax.clamp_min(1e-30)
-        xs = x / scale
-        mean = xs.mean(0)
-        m2 = (xs - mean).square_().sum(0)
-        s64 = scale.double()
-        return Moments(float(x.shape[0]), mean.double() * s64, m2.double() * s64.square(), absmax.double())
+        x = x if x.dtype in (torch.float32, torch.float64) else x.float()
+        mean = x.mean(0, dtype=torch.float64)
+        m2 = torch.linalg.vector_norm(x - mean.to(x.dtype), dim=0, dtype=torch.float64).square()
+        return Moments(float(x.shape[0]), mean, m2)
 
     def merge(self, other: Moments) -> Moments:
         if self.mean is None:
@@ -57,7 +55,7 @@ class Moments:
         delta = other.mean - self.mean
         mean = self.mean + delta * (other.n / n)
         m2 = self.m2 + other.m2 + delta.square() * (self.n * other.n / n)
-        return Moments(n, mean, m2, torch.maximum(self.absmax, other.absmax))
+        return Moments(n, mean, m2)
 
     @property
     def units(self) -> int:
@@ -75,7 +73,7 @@ class Moments:
         return float(self.var_units().mean())
 
     def nonfinite_units(self) -> int:
-        return int((~torch.isfinite(self.absmax)).sum())
+        return int((~(torch.isfinite(self.mean) & torch.isfinite(self.m2))).sum())
 
 
 def weight_vec(w: torch.Tensor) -> torch.Tensor:
