@@ -175,41 +175,56 @@ def weight_rows(m: nn.Module, grads: dict[int, torch.Tensor] | None) -> Iterator
 def duplicate_groups(rows: torch.Tensor, tol_rel: float) -> list[list[int]]:
     """Groups of rows equal within tol_rel * (largest row norm), in O(n log n).
 
-    Rows are projected on a fixed random direction and sorted; rows can be equal only where their
-    projections are, so only neighbours in that order are compared, all at once. Chains of equal
-    neighbours form the groups.
+    Rows are projected on three fixed random unit directions and sorted by the first: rows within
+    the tolerance of each other are within it on every projection (|v.(a - b)| <= |a - b|), so only
+    chains of neighbours close on all three can hold duplicates; each chain is split by direct
+    comparison. Equal rows project identically up to rounding, so they sit next to each other.
     """
     n = rows.shape[0]
     if n < 2:
         return []
-    x = rows.detach().float()
-    norms = x.norm(dim=1)
-    scale = float(norms.max())
+    x = rows.detach()
+    x = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    scale = float(x.norm(dim=1).max())
     if not math.isfinite(scale):
         return []
     if scale == 0.0:
         return [list(range(n))]
     tol = tol_rel * scale
     gen = torch.Generator(device="cpu").manual_seed(0)
-    v = torch.randn(x.shape[1], generator=gen, dtype=torch.float32).to(x.device)
-    v = v / v.norm()
-    order = torch.argsort(x @ v)
-    xs = x[order]
-    same = (xs[1:] - xs[:-1]).norm(dim=1) <= tol
-    if not bool(same.any()):
+    v = torch.randn(x.shape[1], 3, generator=gen, dtype=torch.float32)
+    v = (v / v.norm(dim=0)).to(device=x.device, dtype=x.dtype)
+    proj = x @ v
+    order = torch.argsort(proj[:, 0])
+    close = torch.nonzero(((proj[order[1:]] - proj[order[:-1]]).abs() <= tol).all(1)).flatten().tolist()
+    if not close:
         return []
     order_l = order.tolist()
     groups: list[list[int]] = []
-    current: list[int] = []
-    for i in torch.nonzero(same).flatten().tolist():
-        if current and current[-1] == order_l[i]:
-            current.append(order_l[i + 1])
-        else:
-            if current:
-                groups.append(sorted(current))
-            current = [order_l[i], order_l[i + 1]]
-    groups.append(sorted(current))
+    run: list[int] = []
+    last = -2
+    for i in close:
+        if i != last + 1 and run:
+            groups += _split_run(x, run, tol)
+            run = []
+        if not run:
+            run = [order_l[i]]
+        run.append(order_l[i + 1])
+        last = i
+    groups += _split_run(x, run, tol)
     return sorted(groups, key=lambda grp: grp[0])
+
+
+def _split_run(x: torch.Tensor, run: list[int], tol: float) -> list[list[int]]:
+    out = []
+    while len(run) > 1:
+        idx = torch.tensor(run, device=x.device)
+        same = ((x[idx] - x[idx[0]]).norm(dim=1) <= tol).tolist()
+        grp = [r for r, keep in zip(run, same) if keep]
+        if len(grp) > 1:
+            out.append(sorted(grp))
+        run = [r for r, keep in zip(run, same) if not keep]
+    return out
 
 
 def symmetry_of(label: str, rows: torch.Tensor, grows: torch.Tensor | None, wcols: int,
@@ -316,8 +331,6 @@ class _FunctionWatch(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        if self.rec.busy:
-            return func(*args, **kwargs)
         name = _fname(func)
         if self.rec.dropout_off and name in DROPOUTS:
             out = args[0] if args else kwargs["input"]
@@ -350,7 +363,6 @@ class Recorder:
         self._stack: list[str] = []
         self._lineage = _Lineage()
         self._mode: _FunctionWatch | None = None
-        self.busy = False  # our own reductions run while the function mode is active: not the model's ops
         self.samples = samples
         self.reset()
 
@@ -439,15 +451,14 @@ class Recorder:
             if self._stack and self._stack[-1] == name:
                 self._stack.pop()
             if name in self.weight_layers:
-                self.busy = True
-                try:
+                # our own reductions are not the model's operations: keep them out of the mode
+                with torch._C.DisableTorchFunction():
                     self._record_layer(name, module, output)
                     if isinstance(module, (nn.LSTM, nn.GRU)):
                         self._record_gates(name, module, args, output)
-                finally:
-                    self.busy = False
             if root:
-                self.mark_outputs(output)
+                with torch._C.DisableTorchFunction():
+                    self.mark_outputs(output)
                 self._exit_functions()
         return hook
 
@@ -666,9 +677,10 @@ class Recorder:
             if w is not None:
                 items.append((shards(("w", name), w), weight_vec(local(w))))
                 if grads is not None and id(w) in grads:
-                    gw = local(grads[id(w)].detach())
+                    gw = local(grads[id(w)].detach()).reshape(-1)
+                    gw = gw if gw.dtype in (torch.float32, torch.float64) else gw.float()
                     items.append((shards(("gw", name), grads[id(w)]),
-                                  torch.stack([gw.double().square().sum(),
+                                  torch.stack([torch.dot(gw, gw).double(),
                                                torch.tensor(float(gw.numel()), dtype=torch.float64, device=gw.device)])))
             b = m._parameters.get("bias")
             if isinstance(b, torch.Tensor) and b.numel():
@@ -827,6 +839,8 @@ def _to_host(items: list[tuple[tuple, torch.Tensor]]) -> dict[tuple, torch.Tenso
     """One device-to-host copy for all accumulators."""
     if not items:
         return {}
+    if all(t.device.type == "cpu" for _, t in items):  # nothing to synchronize: no packing
+        return {(k[:-1] if k[-1] == "sum" else k): t.double() for k, t in items}
     by_dev: dict[torch.device, list[int]] = {}
     for i, (_, t) in enumerate(items):
         by_dev.setdefault(t.device, []).append(i)
