@@ -122,8 +122,40 @@ def full(t: torch.Tensor | None) -> torch.Tensor | None:
     return t.full_tensor() if t is not None and _sharded(t) else t
 
 
-def weight_rows(m: nn.Module, grads: dict[int, torch.Tensor] | None) -> Iterator[tuple]:
-    """(label, rows, gradient rows) per unit-matrix of a layer: one row per output unit, bias appended."""
+@dataclasses.dataclass
+class Rows:
+    """One row per output unit: its weights, and its bias as one more column, kept apart (no copy)."""
+
+    w: torch.Tensor  # (units, fan)
+    b: torch.Tensor | None = None  # (units,)
+
+    @staticmethod
+    def of(w: torch.Tensor, b: torch.Tensor | None = None) -> Rows:
+        w = w.detach()
+        w = w if w.dtype in (torch.float32, torch.float64) else w.float()
+        if b is not None:
+            b = b.detach().to(w.dtype)
+        return Rows(w, b)
+
+    def __len__(self) -> int:
+        return self.w.shape[0]
+
+    def norms(self) -> torch.Tensor:
+        n = torch.linalg.vector_norm(self.w, dim=1)
+        return n if self.b is None else torch.sqrt(n.square() + self.b.square())
+
+    def project(self, v: torch.Tensor) -> torch.Tensor:
+        """Rows @ v for v of shape (fan + 1, k); the last row of v multiplies the bias."""
+        p = self.w @ v[: self.w.shape[1]]
+        return p if self.b is None else p + self.b[:, None] * v[-1]
+
+    def distance(self, idx: torch.Tensor, ref: int) -> torch.Tensor:
+        d = torch.linalg.vector_norm(self.w[idx] - self.w[ref], dim=1)
+        return d if self.b is None else torch.sqrt(d.square() + (self.b[idx] - self.b[ref]).square())
+
+
+def weight_rows(m: nn.Module, grads: dict[int, torch.Tensor] | None) -> Iterator[tuple[str, Rows, Rows | None]]:
+    """(label, rows, gradient rows) per unit-matrix of a layer: one row per output unit."""
 
     def g(p: torch.Tensor | None) -> torch.Tensor | None:
         if p is None or grads is None:
@@ -134,19 +166,17 @@ def weight_rows(m: nn.Module, grads: dict[int, torch.Tensor] | None) -> Iterator
         w, b = full(w), full(b)
         w2 = (w.transpose(0, 1) if transpose else w).detach().reshape(w.shape[1] if transpose else w.shape[0], -1)
         gw2 = None if gw is None else (gw.transpose(0, 1) if transpose else gw).reshape(w2.shape)
-        wcols = w2.shape[1]
-        if b is not None and b.numel() == w2.shape[0]:
-            w2 = torch.cat([w2, b.detach().reshape(-1, 1)], 1)
-            if gw2 is not None:
-                gb2 = torch.zeros_like(b) if gb is None else gb
-                gw2 = torch.cat([gw2, gb2.reshape(-1, 1)], 1)
-        return w2, gw2, wcols
+        if b is None or b.numel() != w2.shape[0]:
+            b = gb = None
+        elif gw2 is not None and gb is None:
+            gb = torch.zeros_like(b)
+        return Rows.of(w2, b), None if gw2 is None else Rows.of(gw2, gb)
 
     if isinstance(m, nn.MultiheadAttention):
         e = m.embed_dim
         if m.in_proj_weight is not None:
             w, b = full(m.in_proj_weight), full(m.in_proj_bias)
-            gw, gb = g(w), g(b)
+            gw, gb = g(m.in_proj_weight), g(m.in_proj_bias)
             for i, part in enumerate("qkv"):
                 sl = slice(i * e, (i + 1) * e)
                 yield (f"in_proj_weight[{part}]",) + rows(
@@ -172,7 +202,14 @@ def weight_rows(m: nn.Module, grads: dict[int, torch.Tensor] | None) -> Iterator
     yield ("weight",) + rows(w, b, g(w), g(b), transpose=transpose)
 
 
-def duplicate_groups(rows: torch.Tensor, tol_rel: float) -> list[list[int]]:
+def _directions(fan: int, k: int, like: torch.Tensor) -> torch.Tensor:
+    """k fixed random unit directions in the row space (fan weights + the bias)."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    v = torch.randn(fan + 1, k, generator=gen, dtype=torch.float32)
+    return (v / v.norm(dim=0)).to(device=like.device, dtype=like.dtype)
+
+
+def duplicate_groups(rows: torch.Tensor | Rows, tol_rel: float) -> list[list[int]]:
     """Groups of rows equal within tol_rel * (largest row norm), in O(n log n).
 
     Rows are projected on three fixed random unit directions and sorted by the first: rows within
@@ -180,21 +217,17 @@ def duplicate_groups(rows: torch.Tensor, tol_rel: float) -> list[list[int]]:
     chains of neighbours close on all three can hold duplicates; each chain is split by direct
     comparison. Equal rows project identically up to rounding, so they sit next to each other.
     """
-    n = rows.shape[0]
+    rows = rows if isinstance(rows, Rows) else Rows.of(rows)
+    n = len(rows)
     if n < 2:
         return []
-    x = rows.detach()
-    x = x if x.dtype in (torch.float32, torch.float64) else x.float()
-    scale = float(x.norm(dim=1).max())
+    scale = float(rows.norms().max())
     if not math.isfinite(scale):
         return []
     if scale == 0.0:
         return [list(range(n))]
     tol = tol_rel * scale
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    v = torch.randn(x.shape[1], 3, generator=gen, dtype=torch.float32)
-    v = (v / v.norm(dim=0)).to(device=x.device, dtype=x.dtype)
-    proj = x @ v
+    proj = rows.project(_directions(rows.w.shape[1], 3, rows.w))
     order = torch.argsort(proj[:, 0])
     close = torch.nonzero(((proj[order[1:]] - proj[order[:-1]]).abs() <= tol).all(1)).flatten().tolist()
     if not close:
@@ -205,21 +238,21 @@ def duplicate_groups(rows: torch.Tensor, tol_rel: float) -> list[list[int]]:
     last = -2
     for i in close:
         if i != last + 1 and run:
-            groups += _split_run(x, run, tol)
+            groups += _split_run(rows, run, tol)
             run = []
         if not run:
             run = [order_l[i]]
         run.append(order_l[i + 1])
         last = i
-    groups += _split_run(x, run, tol)
+    groups += _split_run(rows, run, tol)
     return sorted(groups, key=lambda grp: grp[0])
 
 
-def _split_run(x: torch.Tensor, run: list[int], tol: float) -> list[list[int]]:
+def _split_run(rows: Rows, run: list[int], tol: float) -> list[list[int]]:
     out = []
     while len(run) > 1:
-        idx = torch.tensor(run, device=x.device)
-        same = ((x[idx] - x[idx[0]]).norm(dim=1) <= tol).tolist()
+        idx = torch.tensor(run, device=rows.w.device)
+        same = (rows.distance(idx, run[0]) <= tol).tolist()
         grp = [r for r, keep in zip(run, same) if keep]
         if len(grp) > 1:
             out.append(sorted(grp))
@@ -227,31 +260,37 @@ def _split_run(x: torch.Tensor, run: list[int], tol: float) -> list[list[int]]:
     return out
 
 
-def symmetry_of(label: str, rows: torch.Tensor, grows: torch.Tensor | None, wcols: int,
-                tol_rel: float) -> SymmetryStats:
+def _rows_differ(rows: Rows, tol: float) -> bool:
+    """Whether any row differs from the first by more than tol; one projection settles most cases."""
+    if len(rows) < 2:
+        return False
+    p = rows.project(_directions(rows.w.shape[1], 1, rows.w))[:, 0]
+    if float((p - p[0]).abs().max()) > tol:
+        return True
+    return bool(rows.distance(torch.arange(len(rows), device=rows.w.device), 0).max() > tol)
+
+
+def symmetry_of(label: str, rows: Rows, grows: Rows | None, tol_rel: float) -> SymmetryStats:
     """Constant/zero (weights alone, bias excluded) and duplicate rows (weights with bias)."""
-    w = rows.detach().float()
-    wo = w[:, :wcols]
-    lo, hi = (float(v) for v in torch.aminmax(wo)) if wo.numel() else (0.0, 0.0)
+    w = rows.w
+    lo, hi = (float(v) for v in torch.aminmax(w)) if w.numel() else (0.0, 0.0)
     finite = math.isfinite(lo) and math.isfinite(hi)
-    constant = finite and wo.numel() > 1 and hi - lo <= tol_rel * max(abs(lo), abs(hi), 1e-30)
+    constant = finite and w.numel() > 1 and hi - lo <= tol_rel * max(abs(lo), abs(hi), 1e-30)
     zero = finite and lo == 0.0 and hi == 0.0
-    groups = duplicate_groups(w, tol_rel) if finite else []
+    groups = duplicate_groups(rows, tol_rel) if finite else []
     grad_constant = grad_differ = None
     frozen: list[list[int]] = []
     if grows is not None:
-        gr = grows.detach().float()
-        gtol = tol_rel * max(float(gr.norm(dim=1).max()) if gr.numel() else 0.0, 1e-30)
-        gw = gr[:, :wcols]
-        glo, ghi = (float(v) for v in torch.aminmax(gw)) if gw.numel() else (0.0, 0.0)
+        gtol = tol_rel * max(float(grows.norms().max()) if grows.w.numel() else 0.0, 1e-30)
+        glo, ghi = (float(v) for v in torch.aminmax(grows.w)) if grows.w.numel() else (0.0, 0.0)
         gwmax = max(abs(glo), abs(ghi))
         grad_constant = gwmax == 0.0 or ghi - glo <= tol_rel * gwmax
-        grad_differ = bool((gr - gr[0]).norm(dim=1).max() > gtol) if gr.shape[0] > 1 else False
+        grad_differ = _rows_differ(grows, gtol)
         for grp in groups:
-            idx = torch.tensor(grp, device=gr.device)
-            if float((gr[idx] - gr[idx[0]]).norm(dim=1).max()) <= gtol:
+            idx = torch.tensor(grp, device=grows.w.device)
+            if float(grows.distance(idx, grp[0]).max()) <= gtol:
                 frozen.append(grp)
-    return SymmetryStats(label, rows.shape[0], constant, zero, grad_constant, grad_differ, groups, frozen)
+    return SymmetryStats(label, len(rows), constant, zero, grad_constant, grad_differ, groups, frozen)
 
 
 # --- accumulators ---------------------------------------------------------------------------
@@ -813,8 +852,8 @@ class Recorder:
         dup_tol = T.DUP_TOL.get(lay.dtype, T.DUP_TOL["default"])
         if symmetry and w is not None and id(w) not in seen_params:
             seen_params[id(w)] = name
-            for label, rows, grows, wcols in weight_rows(m, grads):
-                lay.symmetry.append(symmetry_of(label, rows, grows, wcols, dup_tol))
+            for label, rows, grows in weight_rows(m, grads):
+                lay.symmetry.append(symmetry_of(label, rows, grows, dup_tol))
         return lay
 
     def _act_stats(self, name: str, a: ActAcc) -> ActivationStats:

@@ -41,7 +41,7 @@ class Watch:
 
     def __init__(self, model: nn.Module, log_dir: str | None = None, writer: Any = None, every: int = 100, *,
                  select: list[str] | None = None, ignore: list[str] | None = None, histograms: bool | None = None,
-                 images_every: int = 10, warn: bool = True, group: Any = None) -> None:
+                 images_every: int | None = None, warn: bool = True, group: Any = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"watch() needs an nn.Module, got {type(model).__name__}")
         if isinstance(getattr(model, "_orig_mod", None), nn.Module):
@@ -55,7 +55,10 @@ class Watch:
         self.model = model
         self.every = every
         self.select, self.ignore = select, ignore
-        self.images_every = max(int(images_every), 1)
+        # Drawing a figure costs a few hundred steps of a small model: by default only at the first
+        # sample and when the watch closes (the latest state), or every `images_every` samples.
+        self.images_every = None if images_every is None else max(int(images_every), 1)
+        self._images_at: int | None = None  # the step whose images were written last
         self.warn = warn
         self.group = group
         self._log_dir = log_dir
@@ -87,6 +90,8 @@ class Watch:
 
     def close(self) -> None:
         self._disarm()
+        if self.writer is not None and self.last is not None and self._images_at != self.history[-1]["step"]:
+            self._write_images(self.last, self.history[-1]["step"])
         if self._own_writer and self.writer is not None:
             self.writer.close()
             self.writer = None
@@ -162,10 +167,19 @@ class Watch:
     def _write(self, diag: Diagnosis) -> None:
         from .report.tensorboard import write_stats
 
-        images = self.samples % self.images_every == 0
-        write_stats(self.writer, diag, self.steps, images=images, histograms=self.histograms and images,
-                    history=self.history, layout_written=self._layout_written)
+        images = self.samples == 0 or (self.images_every is not None and self.samples % self.images_every == 0)
+        write_stats(self.writer, diag, self.steps, images=False, histograms=False,
+                    layout_written=self._layout_written)
         self._layout_written = True
+        if images:
+            self._write_images(diag, self.steps)
+        self.writer.flush()
+
+    def _write_images(self, diag: Diagnosis, step: int) -> None:
+        from .report.tensorboard import write_figures
+
+        write_figures(self.writer, diag, step, history=self.history, histograms=self.histograms)
+        self._images_at = step
         self.writer.flush()
 
 
@@ -186,7 +200,8 @@ def watch(model: nn.Module, log_dir: str | None = None, writer: Any = None, ever
         every: sample one step in this many (steps 0, every, 2*every, ...).
         select, ignore: code prefixes, as on the command line.
         histograms: weight/activation histograms (default: models up to 5M parameters).
-        images_every: write the depth-profile and history images every this many samples.
+        images_every: also write the depth-profile and history images (and histograms) every this many
+            samples; by default they are written at the first sample and when the watch closes.
         warn: issue a Python warning (besides logging) when a finding appears or gets worse.
         group: the torch.distributed process group to reduce over (default: the world).
 

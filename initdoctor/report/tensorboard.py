@@ -53,7 +53,7 @@ def open_writer(log_dir: str) -> Any:
 
 def write_stats(writer: Any, diag, step: int, *, images: bool = True, histograms: bool = True,
                 history: list | None = None, layout_written: bool = True) -> None:
-    """Write one examination (a Diagnosis) at `step`."""
+    """Write one examination (a Diagnosis) at `step`: scalars and findings, then figures if asked."""
     if not layout_written:
         writer.add_custom_scalars(layout())
     for tag, value in scalars(diag.stats).items():
@@ -61,6 +61,13 @@ def write_stats(writer: Any, diag, step: int, *, images: bool = True, histograms
     from .markdown import findings_table
 
     writer.add_text("initdoctor/findings", findings_table(diag.findings), step)
+    if images or histograms:
+        write_figures(writer, diag, step, history=history, histograms=histograms, images=images)
+
+
+def write_figures(writer: Any, diag, step: int, *, history: list | None = None, histograms: bool = True,
+                  images: bool = True) -> None:
+    """The depth profile, the history heatmap (from two samples on) and the histograms."""
     if histograms:
         for (kind, name), values in diag.stats.samples.items():
             v = values[values.isfinite()]
