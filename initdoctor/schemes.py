@@ -98,6 +98,17 @@ def recommend(lay, tanh_depth: int = 0) -> tuple[str, float, str, str]:
     return "xavier_uniform", 1.0, mode, f"{where}: Xavier gain 1"
 
 
+def prescribed_std(lay, tanh_depth: int = 0) -> tuple[str, float] | None:
+    """(scheme, std) the prescription would draw this layer with; None where it keeps the layer."""
+    if not (lay.weight_std and lay.fan_in and lay.fan_out) or lay.type in ("LSTM", "GRU", "RNN",
+                                                                           "MultiheadAttention"):
+        return None
+    scheme, g, _, _ = recommend(lay, tanh_depth)
+    if scheme == "keep":
+        return None
+    return scheme, std_of(scheme, g, lay.fan_in, lay.fan_out)
+
+
 def centre_bias(lay) -> bool:
     """Layers fed by a sigmoid get bias = -0.5 * rowsum(W), cancelling the sigmoid's mean of 0.5."""
     return lay.fed_by == "sigmoid"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .. import thresholds as T
 from ..graph import severity_for_ratio, trends
-from ..schemes import recommend, std_of
+from ..schemes import prescribed_std
 from ..stats import ModelStats
 from . import Finding, Rule, register
 from .scale import tanh_depth
@@ -98,14 +98,8 @@ def _at_prescribed_scale(stats: ModelStats, acts) -> bool:
     """Whether every layer feeding these activations is drawn within 1.5x of its prescribed std."""
     depth = tanh_depth(stats)
     for a in acts:
-        if not a.layer:
-            return False
-        lay = stats.layer(a.layer)
-        if not (lay.weight_std and lay.fan_in and lay.fan_out):
-            return False
-        scheme, g, _, _ = recommend(lay, depth)
-        want = std_of(scheme, g, lay.fan_in, lay.fan_out)
-        if not want or not 1 / 1.5 <= lay.weight_std / want <= 1.5:
+        prescribed = prescribed_std(stats.layer(a.layer), depth) if a.layer else None
+        if prescribed is None or not 1 / 1.5 <= stats.layer(a.layer).weight_std / prescribed[1] <= 1.5:
             return False
     return True
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from .. import thresholds as T
-from ..schemes import looks_default, recommend, std_of
+from ..schemes import looks_default, prescribed_std
 from ..stats import ModelStats
 from . import Finding, Rule, register
 
@@ -23,13 +23,10 @@ class InitScaleMismatch(Rule):
         default = []
         depth = tanh_depth(stats)
         for lay in stats.ran():
-            if not (lay.weight_std and lay.fan_in and lay.fan_out) or lay.type in ("LSTM", "GRU", "RNN",
-                                                                                   "MultiheadAttention"):
+            prescribed = prescribed_std(lay, depth)
+            if prescribed is None:
                 continue
-            scheme, g, _, _ = recommend(lay, depth)
-            if scheme == "keep":
-                continue
-            want = std_of(scheme, g, lay.fan_in, lay.fan_out)
+            scheme, want = prescribed
             ratio = lay.weight_std / want
             if ratio > T.SCALE_NOTE or ratio < 1.0 / T.SCALE_NOTE:
                 off[lay.name] = {"std": lay.weight_std, "expected": want, "ratio": ratio, "scheme": scheme}
