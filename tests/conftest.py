@@ -148,3 +148,7 @@ def tiny() -> SimpleNamespace:
                            assert_unchanged=assert_unchanged, hooks_of=hooks_of, assert_no_hooks=assert_no_hooks,
                            write=write, codes=codes, severity=severity, ACTIVATIONS=ACTIVATIONS)
 
+
+
+def pytest_addoption(parser):
+    parser.addoption("--update-golden", action="store_true", help="rewrite tests/golden/* from the current output")
