@@ -47,7 +47,7 @@ ACTIVATIONS = {
     "tanh": "tanh", "hardtanh": "hardtanh", "softsign": "softsign",
 }
 SATURATING = {"sigmoid", "tanh", "hardtanh", "softsign"}
-DYING = {"relu": "dead", "gelu": "near-dead", "silu": "near-dead"}
+DYING = {"relu", "gelu", "silu"}  # units can die (gelu/silu: never positive, "near-dead")
 WEIGHT_OPS = {
     "linear", "bilinear", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d",
     "conv_transpose3d", "embedding", "embedding_bag", "multi_head_attention_forward",
@@ -70,7 +70,6 @@ PASSTHROUGH = {
     "pixel_shuffle", "upsample", "fold", "unfold", "masked_fill", "where", "concat", "concatenate",
 }
 NORM_MODULES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
-_RNN_GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
 
 
 def _fname(func: Any) -> str:
@@ -805,9 +804,6 @@ class Recorder:
                 if child not in names and child in self.modules:
                     names.append(child)
         return names
-
-    def _module_of(self, name: str) -> nn.Module:
-        return self.modules[name]
 
     def _layer_stats(self, name, m, order, grads, seen_params, host, symmetry) -> LayerStats:
         w = self._main_weight(m)
