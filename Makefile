@@ -4,7 +4,8 @@ TORCH_VERSION ?= 2.13.0
 TORCH_SPEC ?= torch==$(TORCH_VERSION)
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(TORCH_VERSION)
+# the stamp names the torch spec, so `make test TORCH_SPEC=...` reinstalls when it changes
+STAMP := $(VENV)/.installed-$(shell printf '%s' '$(TORCH_SPEC)' | cksum | cut -d' ' -f1)
 
 export MPLBACKEND := Agg
 export NO_MKDOCS_2_WARNING := 1
@@ -14,6 +15,7 @@ export NO_MKDOCS_2_WARNING := 1
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
+	rm -f $(VENV)/.installed-*
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first, pinned, so that nothing later pulls a multi-GB CUDA build

@@ -118,7 +118,8 @@ def _check(args) -> int:
         else:
             diag = final = diagnosis.check(model, x, loss_fn, args.seed, **kw)
     except diagnosis.ProbeError as e:
-        raise UsageError(f"{e}; check the input shape (--input-shape) and that the model runs") from e
+        raise UsageError(f"{e}; check the example input (--input-shape, --input-dtype, example_input()) "
+                         f"and that the model runs") from e
     diag.input["inferred"] = inferred
     if args.save_fixed:
         torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, args.save_fixed)

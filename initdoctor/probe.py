@@ -30,6 +30,7 @@ from .stats import (
     ModelStats,
     Moments,
     SymmetryStats,
+    sample_dims,
     summary_of,
     units_view,
     weight_vec,
@@ -519,13 +520,13 @@ class Recorder:
             self.calls[target] += 1
         ud = unit_dim(module, y)
         self.unit_dims[target] = ud
-        self.out[target] = self.out.get(target, Moments()).merge(Moments.of(units_view(y, ud)))
+        self.out[target] = self.out.get(target, Moments()).merge(Moments.over(y, ud))
         if self.samples and target not in self._samples:
             self._samples[target] = y.detach().reshape(-1)[: self.samples].double()
         self._lineage.set(y, frozenset([target]), None)
         if self.gradients and y.requires_grad:
             def grad_hook(g, target=target, ud=ud):
-                self.grad[target] = self.grad.get(target, Moments()).merge(Moments.of(units_view(g, ud)))
+                self.grad[target] = self.grad.get(target, Moments()).merge(Moments.over(g, ud))
             y.register_hook(grad_hook)
 
     def _record_gates(self, name: str, m: nn.RNNBase, args: tuple, output: Any) -> None:
@@ -660,17 +661,19 @@ class Recorder:
         if acc is None:
             acc = self.acts[rec_name] = ActAcc(kind, src, index=len(self.acts))
         acc.calls += 1
-        yv = units_view(out.detach(), ud)
-        acc.out = acc.out.merge(Moments.of(yv))
+        y = out.detach()
+        dims = sample_dims(y, ud)
+        if dims is None:  # units last: a (samples, units) view, no copy
+            y, dims = units_view(y, ud), [0]
+        acc.out = acc.out.merge(Moments.over(out, ud))
         if kind in SATURATING:
-            cnt = _sat_mask(kind, yv.float()).sum(0).double()
+            cnt = _sat_mask(kind, y.float()).sum(dim=dims).double()
             acc.sat = cnt if acc.sat is None else acc.sat + cnt
             if isinstance(x, torch.Tensor) and x is not out:
-                acc.inp = acc.inp.merge(Moments.of(units_view(x.detach(), ud)))
-        if kind in DYING:
-            mx = yv.amax(0).double() if yv.shape[0] else None
-            if mx is not None:
-                acc.maxv = mx if acc.maxv is None else torch.maximum(acc.maxv, mx)
+                acc.inp = acc.inp.merge(Moments.over(x, ud))
+        if kind in DYING and y.numel():
+            mx = y.amax(dim=dims).double()
+            acc.maxv = mx if acc.maxv is None else torch.maximum(acc.maxv, mx)
         self._lineage.set(out, frozenset(), kind)
 
     # -- results --

@@ -22,6 +22,14 @@ def units_view(t: torch.Tensor, unit_dim: int) -> torch.Tensor:
     return t.movedim(unit_dim, -1).reshape(-1, t.shape[unit_dim])
 
 
+def sample_dims(t: torch.Tensor, unit_dim: int) -> list[int] | None:
+    """The dims to reduce over when units are not the last dim (conv outputs); None otherwise."""
+    if t.dim() < 3 or unit_dim % t.dim() == t.dim() - 1 or t.numel() == 0:
+        return None
+    ud = unit_dim % t.dim()
+    return [d for d in range(t.dim()) if d != ud]
+
+
 @dataclass
 class Moments:
     """Per-unit count, mean and centred sum of squares (float64 vectors on the CPU once finished)."""
@@ -29,6 +37,25 @@ class Moments:
     n: float = 0.0
     mean: torch.Tensor | None = None
     m2: torch.Tensor | None = None
+
+    @staticmethod
+    def over(t: torch.Tensor, unit_dim: int) -> Moments:
+        """`of` for a tensor whose units lie on `unit_dim`, without copying it into (samples, units)."""
+        dims = sample_dims(t, unit_dim)
+        if dims is None:
+            return Moments.of(units_view(t, unit_dim))
+        x = t.detach()
+        x = x if x.dtype in (torch.float32, torch.float64) else x.float()
+        ud = unit_dim % x.dim()
+        k = x[tuple(slice(None) if d == ud else slice(0, 1) for d in range(x.dim()))]
+        xs = x - k
+        scale = xs.abs().amax(dim=dims, keepdim=True).clamp_min(1e-30)
+        xs = xs.div_(scale)
+        d = xs.mean(dim=dims, keepdim=True)
+        m2 = (xs - d).square_().sum(dim=dims).double()
+        s64 = scale.reshape(-1).double()
+        n = float(x.numel() // max(x.shape[ud], 1))
+        return Moments(n, k.reshape(-1).double() + d.reshape(-1).double() * s64, m2 * s64.square())
 
     @staticmethod
     def of(x: torch.Tensor) -> Moments:

@@ -296,7 +296,7 @@ def _error_cases(tmp_path, tiny, healthy):
         "forward raises": ([f"{d}/forwardraises.py", "--input-shape", "2,4"], "forward exploded"),
         "shape not integers": ([healthy, "--input-shape", "a,b"], "a,b"),
         "shape not positive": ([healthy, "--input-shape", "0,3"], "0,3"),
-        "wrong shape for model": ([healthy, "--input-shape", "4,3"], "input shape"),
+        "wrong shape for model": ([healthy, "--input-shape", "4,3"], "--input-shape"),
         "bad dtype": ([healthy, "--input-shape", "4,8", "--input-dtype", "complex7"], "complex7"),
         "bad device": ([healthy, "--device", "bogus"], "bogus"),
         "cuda missing or bad index": ([healthy, "--device", "cuda:99"], "cuda"),

@@ -91,7 +91,8 @@ class DeepPlainStack(Rule):
         return [self.finding(
             "info", [layers[0].name, layers[-1].name],
             f"{len(layers)} weight layers in a plain stack, without normalization or skip connections: even "
-            f"correctly initialized, such nets train slowly and only at small learning rates (He et al.; a "
-            f"30-layer He-initialized ReLU MLP on digits reaches 0.12 accuracy at lr 0.02, 0.92 at lr 0.005). "
-            f"Add residual connections or BatchNorm/LayerNorm, or lower the learning rate.",
+            f"correctly initialized, such nets train slowly and only at small learning rates (He et al.; "
+            f"examples/train_digits.py shows a 30-layer He-initialized ReLU MLP that fails at the learning "
+            f"rate the shallower nets use). Add residual connections or BatchNorm/LayerNorm, or lower the "
+            f"learning rate.",
             depth=len(layers))]

@@ -80,16 +80,19 @@ class LinearRegime(Rule):
                           f"{kind}'s curvature (its gain is exact only for small inputs)"
                           + ("; see the depth findings." if sev == "warning" else "; no action needed."))
             elif any(a.layer is None for a in small):
-                advice = (" These are recurrent gates: grow the recurrent layer's weights (Xavier input weights, "
-                          "orthogonal recurrent weights; see the plan).")
+                advice = (" Usual with PyTorch's default recurrent init; if training stalls, use Xavier input "
+                          "weights and orthogonal recurrent weights (see the plan).")
             else:
                 advice = (" Grow the weights to Xavier's scale"
                           + (" (gain 4 with centring)." if kind == "sigmoid" else "."))
+            gates = all(a.layer is None for a in small)
+            what = (f"{len(small)} of {len(acts)} {kind} {'gates' if gates else 'layers'} see inputs with a "
+                    f"per-unit std of about {med:.2g} (below {limit}), where {kind} is nearly a straight line")
+            what += (": the gates barely respond to their input." if gates else
+                     ": the stack behaves like one linear map"
+                     + (" and the signal or gradient dies with depth." if sev == "warning" else "."))
             out.append(self.finding(
-                sev, _module_paths([(None, a) for a in small]),
-                f"{len(small)} of {len(acts)} {kind} layers see inputs with a per-unit std of about {med:.2g} "
-                f"(below {limit}), where {kind} is nearly a straight line: the stack behaves like one linear "
-                f"map" + (" and the signal or gradient dies with depth." if sev == "warning" else ".") + advice,
+                sev, _module_paths([(None, a) for a in small]), what + advice,
                 preact_std={a.name: a.preact_std for a in small}, limit=limit, prescribed_scale=prescribed))
         return out
 

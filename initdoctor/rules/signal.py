@@ -4,33 +4,54 @@ from __future__ import annotations
 
 from .. import thresholds as T
 from ..graph import Trend, severity_for_ratio, trends
-from ..schemes import centre_bias, looks_default, recommend, slope_factor
+from ..schemes import centre_bias, looks_default, prescribed_std, recommend, slope_factor
 from ..stats import ModelStats
 from . import Finding, Rule, register
 from .scale import tanh_depth
 
 
+def _init_call(scheme: str, gain_: float, lay) -> str:
+    """The torch.nn.init call that draws what the plan prescribes."""
+    act, param = lay.activation, lay.activation_param
+    if scheme.startswith("kaiming"):
+        if act == "leaky_relu":
+            return f"{scheme}_(w, a={param:g}, nonlinearity='leaky_relu')"
+        return f"{scheme}_(w, nonlinearity='relu')"
+    if scheme == "lecun_normal":
+        return "kaiming_normal_(w, nonlinearity='linear')"
+    call = f"{scheme}_(w, gain={gain_:.3g})"
+    return call + (" with bias = -0.5 * rowsum(W)" if centre_bias(lay) else "")
+
+
 def _advice(stats: ModelStats, trend: Trend) -> tuple[str, dict]:
-    """What the weights of the group predict per layer, and PyTorch's default named as such."""
-    lay = stats.layer(trend.layers[0])
+    """What the group's weights predict per layer, and the call that fixes them (as the plan does)."""
+    # a member from inside the stack: the first layer is often fed by the input, not by its peers
+    lay = stats.layer(trend.layers[len(trend.layers) // 2])
     ev: dict = {}
     if not (lay.fan_in and lay.weight_std):
         return "", ev
     act, param = lay.activation, lay.activation_param
     factor = lay.fan_in * lay.weight_std ** 2 * slope_factor(act, param)
     ev["predicted_factor_per_layer"] = factor
-    scheme, g, mode, _ = recommend(lay, tanh_depth(stats))
-    target = f"{scheme}_(w, mode='{mode}') scaled to gain {g:.3g}" if scheme.startswith("kaiming") else (
-        f"{scheme}_(w, gain={g:.3g})" + (" with bias = -0.5 * rowsum(W)" if centre_bias(lay) else ""))
-    target += " (see the plan)"
     frac = f"about 1/{1 / factor:.0f}" if factor < 0.5 else f"{factor:.2g}x"
-    text = (f" fan_in * Var(W) * slope^2 = {factor:.3g} per layer ({frac} of the variance passes each "
-            f"{act or 'linear'} layer).")
+    passes = (f"keeps about 1/{1 / factor:.0f} of the variance it receives" if factor < 0.5 else
+              f"multiplies the variance it receives by about {factor:.2g}")
+    text = f" fan_in * Var(W) * slope^2 = {factor:.3g}: each {act or 'linear'} layer {passes} (small inputs)."
+    depth = tanh_depth(stats)
+    prescribed = prescribed_std(lay, depth)
+    if prescribed and 1 / 1.5 <= lay.weight_std / prescribed[1] <= 1.5:
+        text += " The weights already have the prescribed scale"
+        if lay.bias_mean is not None and abs(lay.bias_mean) > 0.1:
+            text += f"; the biases (mean {lay.bias_mean:.2g}) shift every unit: start them at zero."
+        else:
+            text += ": the cause is elsewhere (biases, normalization, the architecture)."
+        return text, ev
     if looks_default(lay.weight_std, lay.fan_in):
         text += (" These are PyTorch's default weights U(+-1/sqrt(fan_in)), which keep "
-                 f"{'about a sixth' if act == 'relu' else frac} of the signal per layer;")
+                 f"{'about a sixth' if act == 'relu' else frac} of the signal per layer.")
         ev["pytorch_default"] = True
-    text += f" use {target}."
+    scheme, g, _, _ = recommend(lay, depth)
+    text += f" Use {_init_call(scheme, g, lay)} (see the plan)."
     return text, ev
 
 
