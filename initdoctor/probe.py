@@ -209,13 +209,16 @@ def _directions(fan: int, k: int, like: torch.Tensor) -> torch.Tensor:
     return (v / v.norm(dim=0)).to(device=like.device, dtype=like.dtype)
 
 
+_LOOKAHEAD = 3  # neighbours compared in sorted order: tolerates two rows whose projection falls between twins
+
+
 def duplicate_groups(rows: torch.Tensor | Rows, tol_rel: float) -> list[list[int]]:
     """Groups of rows equal within tol_rel * (largest row norm), in O(n log n).
 
-    Rows are projected on three fixed random unit directions and sorted by the first: rows within
+    Rows are projected on three fixed random unit directions and sorted by the first. Rows within
     the tolerance of each other are within it on every projection (|v.(a - b)| <= |a - b|), so only
-    chains of neighbours close on all three can hold duplicates; each chain is split by direct
-    comparison. Equal rows project identically up to rounding, so they sit next to each other.
+    near neighbours in that order that are close on all three projections are candidates; their
+    distances are checked in one batch and the confirmed pairs joined into groups.
     """
     rows = rows if isinstance(rows, Rows) else Rows.of(rows)
     n = len(rows)
@@ -229,35 +232,37 @@ def duplicate_groups(rows: torch.Tensor | Rows, tol_rel: float) -> list[list[int
     tol = tol_rel * scale
     proj = rows.project(_directions(rows.w.shape[1], 3, rows.w))
     order = torch.argsort(proj[:, 0])
-    close = torch.nonzero(((proj[order[1:]] - proj[order[:-1]]).abs() <= tol).all(1)).flatten().tolist()
-    if not close:
+    ps = proj[order]
+    left, right = [], []
+    for k in range(1, min(_LOOKAHEAD, n - 1) + 1):
+        i = torch.nonzero(((ps[k:] - ps[:-k]).abs() <= tol).all(1)).flatten()
+        left.append(order[i])
+        right.append(order[i + k])
+    a, b = torch.cat(left), torch.cat(right)
+    if a.numel() == 0:
         return []
-    order_l = order.tolist()
-    groups: list[list[int]] = []
-    run: list[int] = []
-    last = -2
-    for i in close:
-        if i != last + 1 and run:
-            groups += _split_run(rows, run, tol)
-            run = []
-        if not run:
-            run = [order_l[i]]
-        run.append(order_l[i + 1])
-        last = i
-    groups += _split_run(rows, run, tol)
-    return sorted(groups, key=lambda grp: grp[0])
+    d = torch.linalg.vector_norm(rows.w[a] - rows.w[b], dim=1)
+    if rows.b is not None:
+        d = torch.sqrt(d.square() + (rows.b[a] - rows.b[b]).square())
+    keep = d <= tol
+    parent = {}
 
+    def root(i: int) -> int:
+        while parent.get(i, i) != i:
+            parent[i] = parent.get(parent[i], parent[i])
+            i = parent[i]
+        return i
 
-def _split_run(rows: Rows, run: list[int], tol: float) -> list[list[int]]:
-    out = []
-    while len(run) > 1:
-        idx = torch.tensor(run, device=rows.w.device)
-        same = (rows.distance(idx, run[0]) <= tol).tolist()
-        grp = [r for r, keep in zip(run, same) if keep]
-        if len(grp) > 1:
-            out.append(sorted(grp))
-        run = [r for r, keep in zip(run, same) if not keep]
-    return out
+    for i, j in zip(a[keep].tolist(), b[keep].tolist()):
+        parent.setdefault(i, i)
+        parent.setdefault(j, j)
+        ri, rj = root(i), root(j)
+        if ri != rj:
+            parent[max(ri, rj)] = min(ri, rj)
+    groups: dict[int, list[int]] = {}
+    for i in list(parent):
+        groups.setdefault(root(i), []).append(i)
+    return sorted((sorted(g) for g in groups.values() if len(g) > 1), key=lambda g: g[0])
 
 
 def _rows_differ(rows: Rows, tol: float) -> bool:

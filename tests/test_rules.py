@@ -769,3 +769,12 @@ def test_fix_weights_do_not_copy_the_probe_batch():
     w = model[0].weight.detach()[:64]
     corr = torch.corrcoef(torch.stack([w.flatten(), x.flatten()]))[0, 1]
     assert abs(float(corr)) < 0.05
+
+
+def test_duplicate_groups_find_every_twin_even_when_rows_interleave():
+    # 8192 rows each present twice: rounding in the projection lets another row's projection fall
+    # between twins now and then; neighbours up to three apart are compared, so none is lost
+    torch.manual_seed(0)
+    x = torch.randn(8192, 64).repeat(2, 1)
+    groups = duplicate_groups(x, 1e-5)
+    assert len(groups) == 8192 and all(g[1] - g[0] == 8192 for g in groups)
