@@ -231,6 +231,10 @@ def duplicate_groups(rows: torch.Tensor | Rows, tol_rel: float) -> list[list[int
         return [list(range(n))]
     tol = tol_rel * scale
     proj = rows.project(_directions(rows.w.shape[1], 3, rows.w))
+    if float((proj.amax(0) - proj.amin(0)).max()) <= tol:
+        # every projection agrees: most likely one group (a constant tensor); settle it in one pass
+        if bool((rows.distance(torch.arange(n, device=rows.w.device), 0) <= tol).all()):
+            return [list(range(n))]
     order = torch.argsort(proj[:, 0])
     ps = proj[order]
     left, right = [], []
