@@ -109,6 +109,15 @@ def prescribed_std(lay, tanh_depth: int = 0) -> tuple[str, float] | None:
     return scheme, std_of(scheme, g, lay.fan_in, lay.fan_out)
 
 
+def at_prescribed_scale(lay, tanh_depth: int = 0) -> bool:
+    """Whether the layer's weight variance is within PRESCRIBED_VAR_TOL of what the plan would draw."""
+    prescribed = prescribed_std(lay, tanh_depth)
+    if prescribed is None or not prescribed[1]:
+        return False
+    ratio = (lay.weight_std / prescribed[1]) ** 2
+    return 1 / T.PRESCRIBED_VAR_TOL <= ratio <= T.PRESCRIBED_VAR_TOL
+
+
 def centre_bias(lay) -> bool:
     """Layers fed by a sigmoid get bias = -0.5 * rowsum(W), cancelling the sigmoid's mean of 0.5."""
     return lay.fed_by == "sigmoid"

@@ -59,6 +59,10 @@ PLAIN_DEPTH = 30
 # [1/3, 3] in std (1/9-9 in variance) is worth a note.
 SCALE_NOTE = 3.0
 
+# A weight whose variance is within this factor of the prescribed one counts as "at the prescribed
+# scale" (Xavier on a ReLU layer is half of He's variance: outside; sampling noise: far inside).
+PRESCRIBED_VAR_TOL = 1.25
+
 # --- prescription (plan/apply) --------------------------------------------------------------
 # tanh with gain 5/3 turns chaotic with depth (gradients grow 28x at 20 layers, 139x at 30).
 TANH_DEEP = 20

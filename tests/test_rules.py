@@ -778,3 +778,26 @@ def test_duplicate_groups_find_every_twin_even_when_rows_interleave():
     x = torch.randn(8192, 64).repeat(2, 1)
     groups = duplicate_groups(x, 1e-5)
     assert len(groups) == 8192 and all(g[1] - g[0] == 8192 for g in groups)
+
+
+def test_advice_names_the_plans_init_and_spots_a_prescribed_scale():
+    def relu_stack(init):
+        torch.manual_seed(0)
+        layers = []
+        for _ in range(12):
+            lin = nn.Linear(128, 128)
+            init(lin.weight)
+            layers += [lin, nn.ReLU()]
+        return nn.Sequential(*layers)
+
+    x = torch.randn(256, 128)
+    # Xavier on ReLU is half of He's variance: the advice is He, not "already prescribed"
+    d = initdoctor.check(relu_stack(nn.init.xavier_uniform_), x)
+    (f,) = [f for f in d.findings if f.code == "ID201"]
+    assert "kaiming_normal_(w, nonlinearity='relu')" in f.message and "already" not in f.message
+    # He weights with biases of -1: the weights are fine, the biases are named
+    model = relu_stack(lambda w: nn.init.kaiming_normal_(w, nonlinearity="relu"))
+    for m in model[::2]:
+        nn.init.constant_(m.bias, -1.0)
+    msgs = [f.message for f in initdoctor.check(model, x).findings if f.code.startswith("ID20")]
+    assert msgs and all("already have the prescribed scale" in m and "biases (mean -1)" in m for m in msgs)

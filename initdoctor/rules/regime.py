@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .. import thresholds as T
 from ..graph import severity_for_ratio, trends
-from ..schemes import prescribed_std
+from ..schemes import at_prescribed_scale
 from ..stats import ModelStats
 from . import Finding, Rule, register
 from .scale import tanh_depth
@@ -80,8 +80,9 @@ class LinearRegime(Rule):
                           f"{kind}'s curvature (its gain is exact only for small inputs)"
                           + ("; see the depth findings." if sev == "warning" else "; no action needed."))
             elif any(a.layer is None for a in small):
-                advice = (" Usual with PyTorch's default recurrent init; if training stalls, use Xavier input "
-                          "weights and orthogonal recurrent weights (see the plan).")
+                advice = (" Usual with PyTorch's default recurrent init; if training stalls, re-initialize "
+                          "with Xavier input weights and orthogonal recurrent weights, as `--fix` does for "
+                          "a sick recurrent layer.")
             else:
                 advice = (" Grow the weights to Xavier's scale"
                           + (" (gain 4 with centring)." if kind == "sigmoid" else "."))
@@ -98,13 +99,9 @@ class LinearRegime(Rule):
 
 
 def _at_prescribed_scale(stats: ModelStats, acts) -> bool:
-    """Whether every layer feeding these activations is drawn within 1.5x of its prescribed std."""
+    """Whether every layer feeding these activations is drawn at its prescribed scale."""
     depth = tanh_depth(stats)
-    for a in acts:
-        prescribed = prescribed_std(stats.layer(a.layer), depth) if a.layer else None
-        if prescribed is None or not 1 / 1.5 <= stats.layer(a.layer).weight_std / prescribed[1] <= 1.5:
-            return False
-    return True
+    return all(a.layer and at_prescribed_scale(stats.layer(a.layer), depth) for a in acts)
 
 
 @register

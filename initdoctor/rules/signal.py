@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .. import thresholds as T
 from ..graph import Trend, severity_for_ratio, trends
-from ..schemes import centre_bias, looks_default, prescribed_std, recommend, slope_factor
+from ..schemes import at_prescribed_scale, centre_bias, looks_default, recommend, slope_factor
 from ..stats import ModelStats
 from . import Finding, Rule, register
 from .scale import tanh_depth
@@ -38,8 +38,7 @@ def _advice(stats: ModelStats, trend: Trend) -> tuple[str, dict]:
               f"multiplies the variance it receives by about {factor:.2g}")
     text = f" fan_in * Var(W) * slope^2 = {factor:.3g}: each {act or 'linear'} layer {passes} (small inputs)."
     depth = tanh_depth(stats)
-    prescribed = prescribed_std(lay, depth)
-    if prescribed and 1 / 1.5 <= lay.weight_std / prescribed[1] <= 1.5:
+    if at_prescribed_scale(lay, depth):
         text += " The weights already have the prescribed scale"
         if lay.bias_mean is not None and abs(lay.bias_mean) > 0.1:
             text += f"; the biases (mean {lay.bias_mean:.2g}) shift every unit: start them at zero."
@@ -81,7 +80,8 @@ class _TrendRule(Rule):
             sev = severity_for_ratio(trend.ratio, warn, err, self.low)
             if sev is None:
                 continue
-            extra, ev = _advice(stats, trend)
+            # behind normalization the init scale is undone: advice on it would mislead (ID204 says why)
+            extra, ev = ("", {}) if trend.normalized else _advice(stats, trend)
             if trend.metric == "gradient":
                 # weight-gradient RMS relative to weight scale, for reference: it misleads on its own
                 # (Glorot's cancellation keeps it flat in a deep Xavier ReLU net whose G falls 1e9)
