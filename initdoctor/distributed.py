@@ -16,7 +16,7 @@ import torch
 
 from .stats import Moments
 
-_SUM = {"sat", "outbad"}
+_SUM = {"sat", "outbad", "actn"}
 _MAX = {"maxv", "pbad"}  # per-parameter non-finite counts: replicated under DDP
 
 

@@ -309,8 +309,9 @@ def symmetry_of(label: str, rows: Rows, grows: Rows | None, tol_rel: float) -> S
 class ActAcc:
     kind: str
     layer: str | None
-    out: Moments = dataclasses.field(default_factory=Moments)
-    inp: Moments = dataclasses.field(default_factory=Moments)
+    n: float = 0.0  # samples seen (per unit)
+    units: int = 0
+    inp: Moments = dataclasses.field(default_factory=Moments)  # the nonlinearity's input (saturating kinds)
     sat: torch.Tensor | None = None  # per-unit count of saturated samples
     maxv: torch.Tensor | None = None  # per-unit signed maximum
     calls: int = 0
@@ -586,7 +587,8 @@ class Recorder:
                         acc = self.acts[rec] = ActAcc(kind, None, index=len(self.acts))
                     acc.calls += 1
                     yv, xv = units_view(post, -1), units_view(pre, -1)
-                    acc.out = acc.out.merge(Moments.of(yv))
+                    acc.n += yv.shape[0]
+                    acc.units = yv.shape[1]
                     acc.inp = acc.inp.merge(Moments.of(xv))
                     cnt = _sat_mask(kind, yv.float()).sum(0).double()
                     acc.sat = cnt if acc.sat is None else acc.sat + cnt
@@ -674,7 +676,9 @@ class Recorder:
         dims = sample_dims(y, ud)
         if dims is None:  # units last: a (samples, units) view, no copy
             y, dims = units_view(y, ud), [0]
-        acc.out = acc.out.merge(Moments.over(out, ud))
+        if y.numel():
+            acc.units = y.shape[ud] if dims != [0] else y.shape[1]
+            acc.n += y.numel() / acc.units
         if kind in SATURATING:
             cnt = _sat_mask(kind, y.float()).sum(dim=dims).double()
             acc.sat = cnt if acc.sat is None else acc.sat + cnt
@@ -711,7 +715,8 @@ class Recorder:
         for name, m in self.grad.items():
             moments("grad", name, m)
         for name, a in self.acts.items():
-            moments("act", name, a.out)
+            dev = a.sat.device if a.sat is not None else (a.maxv.device if a.maxv is not None else None)
+            items.append((("actn", name), torch.tensor([a.n], dtype=torch.float64, device=dev)))
             moments("actin", name, a.inp)
             if a.sat is not None:
                 items.append((("sat", name), a.sat))
@@ -804,7 +809,7 @@ class Recorder:
         self.out = {name: moments("out", name) for name in self.out}
         self.grad = {name: moments("grad", name) for name in self.grad}
         for name, a in self.acts.items():
-            a.out, a.inp = moments("act", name), moments("actin", name)
+            a.n, a.inp = float(host[("actn", name)][0]), moments("actin", name)
             a.sat, a.maxv = host.get(("sat", name)), host.get(("maxv", name))
 
     def _layer_names(self) -> list[str]:
@@ -865,9 +870,12 @@ class Recorder:
         return lay
 
     def _act_stats(self, name: str, a: ActAcc) -> ActivationStats:
+        # NaN survives amax and the saturation count's comparisons read it as "not saturated": the
+        # maxima tell for dying kinds; the layer before reports its own non-finite outputs anyway
+        bad = int(torch.isnan(a.maxv).sum()) if a.maxv is not None else 0
         s = ActivationStats(name=name, kind=a.kind, layer=a.layer, index=a.index, calls=a.calls,
-                            units=a.out.units, nonfinite=a.out.nonfinite_units() if a.out.mean is not None else 0)
-        n = a.out.n
+                            units=a.units, nonfinite=bad)
+        n = a.n
         if a.sat is not None and n > 0:
             per_unit = a.sat / n
             s.saturated = float(per_unit.mean())
