@@ -41,13 +41,16 @@ def _put(p: torch.Tensor, value: torch.Tensor) -> None:
     p.copy_(value.to(device=p.device, dtype=p.dtype))
 
 
+def centred_bias(w: torch.Tensor) -> torch.Tensor:
+    """rowsum(W), so that bias = -0.5 * rowsum(W) cancels the 0.5 mean of the sigmoid feeding the layer."""
+    return w.detach().float().reshape(w.shape[0], -1).sum(1).cpu()
+
+
 def centre(module: nn.Module) -> None:
-    """bias = -0.5 * rowsum(W): cancels the 0.5 mean of the sigmoid that feeds the layer."""
+    """Re-centre a layer's bias after its weights were rescaled."""
     w, b = module._parameters.get("weight"), module._parameters.get("bias")
-    if w is None or b is None or isinstance(module, nn.modules.conv._ConvTransposeNd):
-        return
-    rowsum = w.detach().float().reshape(w.shape[0], -1).sum(1)
-    _put(b, -0.5 * rowsum)
+    if w is not None and b is not None:
+        _put(b, -0.5 * centred_bias(w))
 
 
 def apply_plan(model: nn.Module, plan: list[Prescription], seed: int = 0) -> list[str]:
@@ -85,10 +88,11 @@ def apply_plan(model: nn.Module, plan: list[Prescription], seed: int = 0) -> lis
                     if p is None:
                         continue
                     if pname.startswith("weight_"):
-                        rows = p.shape[0] // gates
+                        parts_n = 1 if pname.startswith("weight_hr") else gates  # LSTM projections: no gates
+                        rows = p.shape[0] // parts_n
                         scheme = "orthogonal" if pname.startswith("weight_hh") else entry.scheme
                         parts = [_draw(torch.Size((rows, p.shape[1])), scheme, entry.gain, entry.mode, gen)
-                                 for _ in range(gates)]
+                                 for _ in range(parts_n)]
                         write(entry.layer, pname, p, torch.cat(parts, 0))
                     elif pname.startswith("bias_"):
                         b = torch.zeros(p.shape)
@@ -105,12 +109,12 @@ def apply_plan(model: nn.Module, plan: list[Prescription], seed: int = 0) -> lis
                     write(entry.layer, "in_proj_bias", params["in_proj_bias"], torch.zeros(params["in_proj_bias"].shape))
                 continue
             w = params.get("weight")
-            write(entry.layer, "weight", w, _draw(w.shape, entry.scheme, entry.gain, entry.mode, gen))
+            drawn = _draw(w.shape, entry.scheme, entry.gain, entry.mode, gen)
+            write(entry.layer, "weight", w, drawn)
             b = params.get("bias")
             if b is not None and entry.bias in ("zeros", "centred"):
-                write(entry.layer, "bias", b, torch.zeros(b.shape))
-                if entry.bias == "centred":
-                    centre(m)
+                write(entry.layer, "bias", b, -0.5 * centred_bias(w) if entry.bias == "centred" else
+                      torch.zeros(b.shape))
     return written
 
 
@@ -118,8 +122,8 @@ def scale_layer(model: nn.Module, name: str, factor: float, recentre: bool) -> N
     """Multiply a layer's weights by `factor` (LSUV-style adjustment), re-centring its bias if needed."""
     m = dict(model.named_modules())[name]
     with torch.no_grad():
-        for pname, p in m._parameters.items():
-            if p is not None and p.dim() >= 2 and pname != "out_proj":
+        for p in m._parameters.values():
+            if p is not None and p.dim() >= 2:
                 p.mul_(factor)
         if recentre:
             centre(m)

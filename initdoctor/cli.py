@@ -72,6 +72,18 @@ def _writable(path: str, flag: str) -> None:
         raise UsageError(f"{flag} {path}: folder {folder} is not writable")
 
 
+def _tensors_to(x, device=None, dtype=None):
+    """Move (and cast floating) tensors, in tuples and lists too; leave anything else as it is."""
+    import torch
+
+    if isinstance(x, torch.Tensor):
+        x = x.to(device) if device is not None else x
+        return x.to(dtype) if dtype is not None and x.is_floating_point() else x
+    if isinstance(x, (tuple, list)):
+        return type(x)(_tensors_to(t, device, dtype) for t in x)
+    return x
+
+
 def _check(args) -> int:
     import torch
 
@@ -104,10 +116,9 @@ def _check(args) -> int:
 
         dt = parse_dtype(args.dtype)
         model = model.to(dt)
-        x = tuple(t.to(dt) if t.is_floating_point() else t for t in x) if isinstance(x, tuple) else (
-            x.to(dt) if x.is_floating_point() else x)
+        x = _tensors_to(x, dtype=dt)
     model = model.to(device)
-    x = tuple(t.to(device) for t in x) if isinstance(x, tuple) else (x.to(device) if hasattr(x, "to") else x)
+    x = _tensors_to(x, device=device)
     loss_fn = getattr(loaded.namespace, "loss_fn", None) if loaded.namespace else None
     kw = dict(select=_codes(args.select), ignore=_codes(args.ignore), keep=tuple(args.keep), scheme=args.scheme,
               target=args.target, samples=4096 if args.tensorboard else 0)

@@ -140,11 +140,11 @@ def candidates(namespace: Any) -> list[str]:
 
 def _constructs_without_args(cls: type) -> bool:
     try:
-        sig = inspect.signature(cls.__init__)
+        sig = inspect.signature(cls)  # without the bound first parameter, whatever its name
     except (TypeError, ValueError):
         return False
     return all(p.default is not p.empty or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
-               for name, p in sig.parameters.items() if name != "self")
+               for p in sig.parameters.values())
 
 
 def load(target: str, model_name: str | None = None, arch: str | None = None) -> Loaded:
@@ -213,27 +213,45 @@ def make_batch(shape: tuple[int, ...], dtype: torch.dtype, seed: int, high: int 
     return torch.randint(0, high, shape, generator=gen).to(dtype)
 
 
+def _candidate(m: nn.Module, batch: int, seed: int) -> torch.Tensor | None:
+    """A batch that layer `m` accepts as its input, or None when its type does not tell."""
+    if isinstance(m, nn.Linear):
+        return make_batch((batch, m.in_features), torch.float32, seed)
+    if isinstance(m, (nn.Conv1d, nn.ConvTranspose1d)):
+        return make_batch((batch, m.in_channels, 32), torch.float32, seed)
+    if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+        return make_batch((batch, m.in_channels, 32, 32), torch.float32, seed)
+    if isinstance(m, (nn.Conv3d, nn.ConvTranspose3d)):
+        return make_batch((batch, m.in_channels, 8, 16, 16), torch.float32, seed)
+    if isinstance(m, nn.Embedding):
+        return make_batch((batch, 16), torch.long, seed, high=m.num_embeddings)
+    if isinstance(m, nn.RNNBase):
+        shape = (batch, 16, m.input_size) if m.batch_first else (16, batch, m.input_size)
+        return make_batch(shape, torch.float32, seed)
+    return None
+
+
 def infer_input(model: nn.Module, batch: int, seed: int) -> torch.Tensor:
-    """A batch for the first layer in definition order that tells its input size."""
+    """A batch for the first layer that runs: each layer that tells its input size is tried, in
+    definition order, until the model accepts the batch (a model may define its head first)."""
+    from .probe import preserved
+
+    tried: list[str] = []
     for m in model.modules():
-        if isinstance(m, nn.Linear):
-            return make_batch((batch, m.in_features), torch.float32, seed)
-        if isinstance(m, nn.Bilinear):
-            break
-        if isinstance(m, (nn.Conv1d, nn.ConvTranspose1d)):
-            return make_batch((batch, m.in_channels, 32), torch.float32, seed)
-        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
-            return make_batch((batch, m.in_channels, 32, 32), torch.float32, seed)
-        if isinstance(m, (nn.Conv3d, nn.ConvTranspose3d)):
-            return make_batch((batch, m.in_channels, 8, 16, 16), torch.float32, seed)
-        if isinstance(m, nn.Embedding):
-            return make_batch((batch, 16), torch.long, seed, high=m.num_embeddings)
-        if isinstance(m, nn.RNNBase):
-            shape = (batch, 16, m.input_size) if m.batch_first else (16, batch, m.input_size)
-            return make_batch(shape, torch.float32, seed)
-        if isinstance(m, nn.MultiheadAttention):
-            break
-    raise UsageError("cannot infer the input from the model's first layer; pass --input-shape (e.g. 64,3,32,32) "
+        x = _candidate(m, batch, seed)
+        if x is None or any(str(tuple(x.shape)) == t for t in tried):
+            continue
+        tried.append(str(tuple(x.shape)))
+        try:
+            with preserved(model), torch.no_grad():
+                model(x)
+        except Exception:
+            continue
+        return x
+    if tried:
+        raise UsageError(f"cannot infer the input: the model accepts none of {', '.join(tried[:4])}; pass "
+                         f"--input-shape (e.g. 64,3,32,32) or define example_input() in the file")
+    raise UsageError("cannot infer the input from the model's layers; pass --input-shape (e.g. 64,3,32,32) "
                      "or define example_input() in the file")
 
 

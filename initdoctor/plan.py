@@ -61,7 +61,7 @@ def make_plan(stats: ModelStats, findings: list[Finding], keep: tuple[str, ...] 
         if scheme is not None and sch != "keep":
             sch = "orthogonal" if scheme == "lsuv" else scheme
             reason = f"forced {scheme} (textbook: {textbook}); gain {gain:.3g} from the nonlinearity"
-        has_bias = lay.bias_mean is not None
+        has_bias = lay.has_bias
         bias = ("centred" if centre_bias(lay) else "zeros") if has_bias else "none"
         entry = Prescription(lay.name, sch, gain, mode, bias, reason, recommended=textbook)
         if sch == "keep":

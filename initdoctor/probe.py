@@ -70,7 +70,8 @@ PASSTHROUGH = {
     "stack", "chunk", "split", "unbind", "detach", "roll", "movedim", "swapaxes", "T", "mT",
     "pixel_shuffle", "upsample", "fold", "unfold", "masked_fill", "where", "concat", "concatenate",
 }
-NORM_MODULES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm)
+NORM_MODULES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm) + (
+    (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
 
 
 def _fname(func: Any) -> str:
@@ -81,6 +82,8 @@ def _fname(func: Any) -> str:
 def is_weight_layer(m: nn.Module) -> bool:
     if isinstance(m, (nn.MultiheadAttention, nn.RNNBase)):
         return True
+    if isinstance(m, NORM_MODULES):
+        return False  # a LayerNorm over 2-D shapes has a 2-D weight, but no units to tell apart
     w = m._parameters.get("weight")
     return w is not None and w.dim() >= 2
 
@@ -299,7 +302,8 @@ def symmetry_of(label: str, rows: Rows, grows: Rows | None, tol_rel: float) -> S
             idx = torch.tensor(grp, device=grows.w.device)
             if float(grows.distance(idx, grp[0]).max()) <= gtol:
                 frozen.append(grp)
-    return SymmetryStats(label, len(rows), constant, zero, grad_constant, grad_differ, groups, frozen)
+    return SymmetryStats(label, len(rows), constant, zero, grad_constant, grad_differ, groups, frozen,
+                         value=lo if constant else None, shape=list(rows.w.shape))
 
 
 # --- accumulators ---------------------------------------------------------------------------
@@ -408,6 +412,7 @@ class Recorder:
             self.names[id(m)] = name
             self.modules[name] = m
         self.weight_layers = [n for n, m in self.modules.items() if is_weight_layer(m)]
+        self._weight_set = set(self.weight_layers)
         self._handles: list[Any] = []
         self._stack: list[str] = []
         self._lineage = _Lineage()
@@ -438,7 +443,8 @@ class Recorder:
         try:
             for name, m in self.modules.items():
                 self._handles.append(m.register_forward_pre_hook(self._pre_hook(name)))
-                self._handles.append(m.register_forward_hook(self._post_hook(name)))
+                # always_call: after a forward that raises, the root hook still leaves the function mode
+                self._handles.append(m.register_forward_hook(self._post_hook(name), always_call=name == ""))
         except BaseException:
             self.close()
             raise
@@ -499,7 +505,11 @@ class Recorder:
         def hook(module, args, output):
             if self._stack and self._stack[-1] == name:
                 self._stack.pop()
-            if name in self.weight_layers:
+            if root and output is None:  # the forward raised (or returned nothing)
+                self._stack.clear()
+                self._exit_functions()
+                return
+            if name in self._weight_set:
                 # our own reductions are not the model's operations: keep them out of the mode
                 with torch._C.DisableTorchFunction():
                     self._record_layer(name, module, output)
@@ -532,7 +542,7 @@ class Recorder:
         self.unit_dims[target] = ud
         self.out[target] = self.out.get(target, Moments()).merge(Moments.over(y, ud))
         if self.samples and target not in self._samples:
-            self._samples[target] = y.detach().reshape(-1)[: self.samples].double()
+            self._samples[target] = y.detach().reshape(-1)[: self.samples].double().clone()
         self._lineage.set(y, frozenset([target]), None)
         if self.gradients and y.requires_grad:
             def grad_hook(g, target=target, ud=ud):
@@ -615,7 +625,7 @@ class Recorder:
                 self.activation.setdefault(s, ("identity", None, None))
             if self._stack:
                 layer = self._stack[-1]
-                if layer in self.weight_layers and layer not in self.fed_by:
+                if layer in self._weight_set and layer not in self.fed_by:
                     self.fed_by[layer] = act or "other"
             return
         if name in LINEAR_CONSUMERS:
@@ -659,14 +669,16 @@ class Recorder:
                 param = float(param) if fname != "rrelu" else 0.5 * (1 / 8 + 1 / 3)
         inner = self._stack[-1] if self._stack else None
         inner_mod = self.modules.get(inner) if inner is not None else None
+        src = min(srcs) if srcs else None
         if inner_mod is not None and not is_weight_layer(inner_mod) and not list(inner_mod.children()):
             rec_name = inner
+            seen = self.acts.get(rec_name)
+            if seen is not None and seen.layer != src:  # one activation module shared by several layers
+                rec_name = f"{inner}@{src}"
         else:
-            base = sorted(srcs)[0] if srcs else (inner or "input")
-            rec_name = f"{base}:{fname}"
+            rec_name = f"{src or inner or 'input'}:{fname}"
         for s in srcs:
             self.activation.setdefault(s, (kind, param, rec_name))
-        src = sorted(srcs)[0] if srcs else None
         ud = self.unit_dims.get(src, -1) if src else (1 if out.dim() >= 4 else -1)
         acc = self.acts.get(rec_name)
         if acc is None:
@@ -744,7 +756,7 @@ class Recorder:
             items.append((("sample", name), t))
             w = self._main_weight(self.modules[name]) if name in self.modules else None
             if w is not None:
-                items.append((("wsample", name), local(w).detach().reshape(-1)[: self.samples].double()))
+                items.append((("wsample", name), local(w).detach().reshape(-1)[: self.samples].double().clone()))
         if self._out_bad:
             items.append((("outbad",), torch.cat([t.to(self._out_bad[0].device) for t in self._out_bad]).sum(0, True)))
         mains = {id(self._main_weight(self.modules[n])) for n in self._layer_names()}
@@ -834,6 +846,8 @@ class Recorder:
         if ("w", name) in host:
             for k, v in summary_of(host[("w", name)], local(w)).items():
                 setattr(lay, k, v)
+        bias = m._parameters.get("bias")
+        lay.has_bias = isinstance(bias, torch.Tensor) and bias.numel() > 0
         if ("b", name) in host:
             bs = summary_of(host[("b", name)], local(m._parameters.get("bias")))
             lay.bias_mean, lay.bias_std = bs["weight_mean"], bs["weight_std"]
@@ -931,13 +945,8 @@ def cotangent_loss(output: Any, seed: int) -> torch.Tensor:
 def preserved(model: nn.Module, devices: list | None = None) -> Iterator[None]:
     """Put back train/eval modes, norm-layer running statistics and the global RNG afterwards."""
     modes = [(m, m.training) for m in model.modules()]
-    buffers = []
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._NormBase):
-            for bname in ("running_mean", "running_var", "num_batches_tracked"):
-                buf = getattr(m, bname, None)
-                if isinstance(buf, torch.Tensor):
-                    buffers.append((buf, buf.detach().clone()))
+    # every buffer: BatchNorm's running statistics, spectral norm's power-iteration vectors, ...
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
     try:
         with torch.random.fork_rng(devices=devices or [], enabled=True):
             yield

@@ -119,5 +119,8 @@ def at_prescribed_scale(lay, tanh_depth: int = 0) -> bool:
 
 
 def centre_bias(lay) -> bool:
-    """Layers fed by a sigmoid get bias = -0.5 * rowsum(W), cancelling the sigmoid's mean of 0.5."""
-    return lay.fed_by == "sigmoid"
+    """Layers fed by a sigmoid get bias = -0.5 * rowsum(W), cancelling the sigmoid's mean of 0.5.
+
+    Not for transposed convolutions: their outputs sum over a stride-dependent subset of the kernel.
+    """
+    return lay.fed_by == "sigmoid" and not lay.type.startswith("ConvTranspose")

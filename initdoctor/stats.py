@@ -156,6 +156,8 @@ class SymmetryStats:
     grad_rows_differ: bool | None
     duplicate_groups: list[list[int]] = field(default_factory=list)
     frozen_groups: list[list[int]] = field(default_factory=list)  # duplicates with equal gradients
+    value: float | None = None  # the constant, when constant
+    shape: list[int] = field(default_factory=list)  # (units, fan) as compared
 
     @property
     def duplicate_units(self) -> int:
@@ -180,6 +182,7 @@ class LayerStats:
     is_output: bool = False
     normalized: bool = False  # a norm layer follows before the nonlinearity
     frozen: bool = False
+    has_bias: bool = False
     dtype: str = "float32"
     # weights
     weight_mean: float | None = None

@@ -12,7 +12,9 @@ from . import Finding, Rule, register
 
 
 def _where(name: str, param: str) -> str:
-    return name if param == "weight" else f"{name}.{param}"
+    if param == "weight":
+        return name or "(model)"
+    return f"{name}.{param}" if name else param
 
 
 @register
@@ -25,7 +27,8 @@ class ConstantWeights(Rule):
             for sym in lay.symmetry:
                 if not sym.constant:
                     continue
-                what = "zero" if sym.zero else f"the constant {lay.weight_mean:.4g}"
+                value = sym.value if sym.value is not None else lay.weight_mean
+                what = "zero" if sym.zero else f"the constant {value:.4g}"
                 where = _where(lay.name, sym.param)
                 if sym.grad_constant is None:
                     sev, why = "warning", "no gradient was computed, so whether training breaks it is unknown"
@@ -43,7 +46,7 @@ class ConstantWeights(Rule):
                            "identical (see ID103)")
                 out.append(self.finding(
                     sev, [where],
-                    f"every entry of {where} ({lay.type} {'x'.join(map(str, lay.weight_shape))}) is {what}; {why}."
+                    f"every entry of {where} ({lay.type} {'x'.join(map(str, sym.shape or lay.weight_shape))}) is {what}; {why}."
                     + ("" if sev == "info" else " Draw it at random (Xavier or He, see the plan)."),
                     rows=sym.rows, zero=sym.zero, gradient_constant=sym.grad_constant))
         return out
@@ -66,8 +69,9 @@ class DuplicateUnits(Rule):
     def check(self, stats: ModelStats) -> list[Finding]:
         out = []
         for lay, sym, groups in _dups(stats, frozen=False):
-            if sym.frozen_groups and len(sym.frozen_groups) == len(groups):
-                continue  # all of them are ID103's
+            groups = [g for g in groups if g not in sym.frozen_groups]  # those are ID103's
+            if not groups:
+                continue
             n = sum(len(g) for g in groups)
             where = _where(lay.name, sym.param)
             sev = "warning" if sym.grad_rows_differ is not False else "error"
