@@ -13,6 +13,8 @@ import traceback
 from . import __version__
 
 FAIL_ON = ("error", "warning", "info", "never")
+# the forceable init families (as initdoctor.plan.FORCEABLE; kept here so --help imports no torch)
+FORCEABLE = ("xavier_uniform", "xavier_normal", "kaiming_uniform", "kaiming_normal", "orthogonal", "lsuv")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -43,8 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--format", choices=("text", "json", "markdown"), default="text")
     c.add_argument("--output", help="write the report here instead of stdout")
     c.add_argument("--fix", action="store_true", help="apply the plan, examine again, show before and after")
-    c.add_argument("--scheme", choices=("xavier_uniform", "xavier_normal", "kaiming_uniform", "kaiming_normal",
-                                        "orthogonal", "lsuv"), help="force an init family for --fix")
+    c.add_argument("--scheme", choices=FORCEABLE, help="force an init family for --fix")
     c.add_argument("--keep", action="append", default=[], metavar="PATTERN",
                    help="leave layers matching this glob as they are (repeatable)")
     c.add_argument("--save-fixed", metavar="FILE.pt", help="write the fixed state_dict (implies --fix)")

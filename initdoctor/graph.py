@@ -61,7 +61,6 @@ class Trend:
 
     def start(self) -> str:
         """The layer after which the metric first leaves [1/2, 2] of its starting value."""
-        v0 = self.values[0]
         seq = self.values if self.metric != "gradient" else self.values[::-1]
         names = self.layers if self.metric != "gradient" else self.layers[::-1]
         v0 = seq[0]
@@ -72,6 +71,17 @@ class Trend:
 
 
 def trends(stats: ModelStats) -> list[Trend]:
+    """Every trend of every homologous group; computed once per `run_rules` (the rules share it)."""
+    cached = stats.__dict__.get("_trends")
+    if cached is not None:
+        return cached
+    out = _trends(stats)
+    if "_trends" in stats.__dict__:  # inside run_rules
+        stats.__dict__["_trends"] = out
+    return out
+
+
+def _trends(stats: ModelStats) -> list[Trend]:
     out: list[Trend] = []
     for group in homologous_groups(stats):
         live = [lay for lay in group if lay.weight_rms]  # zero tensors are deliberate or their own finding

@@ -130,3 +130,9 @@ def test_constant_recurrent_weights_are_named_with_their_own_value_and_shape():
     (f,) = [f for f in d.findings if f.code == "ID101"]
     assert f.layers == ["weight_hh_l0"]
     assert "constant 0.5" in f.message and "18x6" in f.message
+
+
+def test_cli_forceable_schemes_are_the_plans():
+    from initdoctor import cli, plan
+
+    assert cli.FORCEABLE == plan.FORCEABLE

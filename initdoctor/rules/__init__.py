@@ -53,12 +53,16 @@ def register(cls: type[Rule]) -> type[Rule]:
 def run_rules(stats: ModelStats, select: list[str] | None = None, ignore: list[str] | None = None) -> list[Finding]:
     """All findings for `stats`, errors first; `select`/`ignore` match code prefixes."""
     out: list[Finding] = []
-    for code, cls in sorted(RULES.items()):
-        if select and not matches(code, select):
-            continue
-        if ignore and matches(code, ignore):
-            continue
-        out.extend(cls().check(stats))
+    stats.__dict__["_trends"] = None  # the rules share one computation of the depth trends
+    try:
+        for code, cls in sorted(RULES.items()):
+            if select and not matches(code, select):
+                continue
+            if ignore and matches(code, ignore):
+                continue
+            out.extend(cls().check(stats))
+    finally:
+        stats.__dict__.pop("_trends", None)
     out.sort(key=lambda f: (-SEVERITY_RANK[f.severity], f.code))
     return out
 
