@@ -207,11 +207,12 @@ def _lsuv(model, example_input, loss_fn, seed, plan) -> list[str]:
     """Layer-sequential unit variance (Mishkin & Matas): each layer's output second moment to 1."""
     by_layer = {p.layer: p for p in plan if p.apply and p.scheme != "ones"}
     notes = []
-    stats = examine(model, example_input, loss_fn, seed)
-    for lay in stats.ran():
+    order = examine(model, example_input, loss_fn, seed, backward=False).ran()
+    for i, lay in enumerate(order):
         if lay.name not in by_layer:
             continue
-        cur = examine(model, example_input, loss_fn, seed).layer(lay.name)
+        # each layer's output depends on the layers before it, rescaled in turn: measure afresh
+        cur = lay if i == 0 else examine(model, example_input, loss_fn, seed, backward=False).layer(lay.name)
         if cur.q and math.isfinite(cur.q) and cur.q > 0:
             c = cur.q ** -0.5
             scale_layer(model, lay.name, c, by_layer[lay.name].bias == "centred")

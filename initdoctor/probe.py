@@ -959,8 +959,11 @@ def preserved(model: nn.Module, devices: list | None = None) -> Iterator[None]:
 
 
 def examine(model: nn.Module, inputs: Any, loss_fn: Callable | None = None, seed: int = 0,
-            samples: int = 0) -> ModelStats:
-    """One forward and one backward pass under a Recorder; the model is left exactly as it was."""
+            samples: int = 0, backward: bool = True) -> ModelStats:
+    """One forward and one backward pass under a Recorder; the model is left exactly as it was.
+
+    backward=False measures the forward pass alone (no gradients, no symmetry checks).
+    """
     params = []
     seen: set[int] = set()
     for p in model.parameters():
@@ -970,12 +973,16 @@ def examine(model: nn.Module, inputs: Any, loss_fn: Callable | None = None, seed
     devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
     args = inputs if isinstance(inputs, tuple) else (inputs,)
     # enable_grad: a caller inside torch.no_grad() still gets the backward pass it asked for.
-    with preserved(model, devices), torch.enable_grad(), Recorder(model, dropout_off=True, samples=samples) as rec:
+    with preserved(model, devices), torch.set_grad_enabled(backward), \
+            Recorder(model, dropout_off=True, samples=samples, gradients=backward) as rec:
         model.train()
         for m in model.modules():
             if isinstance(m, nn.modules.dropout._DropoutNd):
                 m.eval()
         output = model(*args)
+        if not backward:
+            del output
+            return rec.finish(None, False, symmetry=False)
         loss = loss_fn(output, inputs) if loss_fn is not None else cotangent_loss(output, seed)
         grads: dict[int, torch.Tensor] = {}
         backward = isinstance(loss, torch.Tensor) and loss.requires_grad and bool(params)
