@@ -30,6 +30,7 @@ from .stats import (
     ModelStats,
     Moments,
     SymmetryStats,
+    as_float,
     sample_dims,
     summary_of,
     units_view,
@@ -135,7 +136,7 @@ class Rows:
     @staticmethod
     def of(w: torch.Tensor, b: torch.Tensor | None = None) -> Rows:
         w = w.detach()
-        w = w if w.dtype in (torch.float32, torch.float64) else w.float()
+        w = as_float(w)
         if b is not None:
             b = b.detach().to(w.dtype)
         return Rows(w, b)
@@ -745,7 +746,7 @@ class Recorder:
                 items.append((shards(("w", name), w), weight_vec(local(w))))
                 if grads is not None and id(w) in grads:
                     gw = local(grads[id(w)].detach()).reshape(-1)
-                    gw = gw if gw.dtype in (torch.float32, torch.float64) else gw.float()
+                    gw = as_float(gw)
                     items.append((shards(("gw", name), grads[id(w)]),
                                   torch.stack([torch.dot(gw, gw).double(),
                                                torch.tensor(float(gw.numel()), dtype=torch.float64, device=gw.device)])))

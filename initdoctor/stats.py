@@ -22,6 +22,11 @@ def units_view(t: torch.Tensor, unit_dim: int) -> torch.Tensor:
     return t.movedim(unit_dim, -1).reshape(-1, t.shape[unit_dim])
 
 
+def as_float(t: torch.Tensor) -> torch.Tensor:
+    """float32/float64 as they are; every other dtype (bfloat16, half, ...) as float32."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
 def sample_dims(t: torch.Tensor, unit_dim: int) -> list[int] | None:
     """The dims to reduce over when units are not the last dim (conv outputs); None otherwise."""
     if t.dim() < 3 or unit_dim % t.dim() == t.dim() - 1 or t.numel() == 0:
@@ -44,18 +49,7 @@ class Moments:
         dims = sample_dims(t, unit_dim)
         if dims is None:
             return Moments.of(units_view(t, unit_dim))
-        x = t.detach()
-        x = x if x.dtype in (torch.float32, torch.float64) else x.float()
-        ud = unit_dim % x.dim()
-        k = x[tuple(slice(None) if d == ud else slice(0, 1) for d in range(x.dim()))]
-        xs = x - k
-        scale = xs.abs().amax(dim=dims, keepdim=True).clamp_min(1e-30)
-        xs = xs.div_(scale)
-        d = xs.mean(dim=dims, keepdim=True)
-        m2 = (xs - d).square_().sum(dim=dims).double()
-        s64 = scale.reshape(-1).double()
-        n = float(x.numel() // max(x.shape[ud], 1))
-        return Moments(n, k.reshape(-1).double() + d.reshape(-1).double() * s64, m2 * s64.square())
+        return Moments._reduce(t, unit_dim % t.dim(), dims)
 
     @staticmethod
     def of(x: torch.Tensor) -> Moments:
@@ -66,18 +60,22 @@ class Moments:
         to a mean of 0.5 survives (relative error ~1e-7). A NaN or Inf in a unit makes its mean or m2
         non-finite, which is how `nonfinite_units` finds it.
         """
-        x = x.detach()
         if x.shape[0] == 0:
             return Moments()
-        x = x if x.dtype in (torch.float32, torch.float64) else x.float()
-        k = x[0]
+        return Moments._reduce(x, 1, [0])
+
+    @staticmethod
+    def _reduce(t: torch.Tensor, ud: int, dims: list[int]) -> Moments:
+        x = as_float(t.detach())
+        k = x[tuple(slice(None) if d == ud else slice(0, 1) for d in range(x.dim()))]
         xs = x - k
-        scale = xs.abs().amax(0).clamp_min(1e-30)
+        scale = xs.abs().amax(dim=dims, keepdim=True).clamp_min(1e-30)
         xs = xs.div_(scale)
-        d = xs.mean(0)
-        m2 = (xs - d).square_().sum(0)
-        s64 = scale.double()
-        return Moments(float(x.shape[0]), k.double() + d.double() * s64, m2.double() * s64.square())
+        d = xs.mean(dim=dims, keepdim=True)
+        m2 = (xs - d).square_().sum(dim=dims).double()
+        s64 = scale.reshape(-1).double()
+        n = float(x.numel() // max(x.shape[ud], 1))
+        return Moments(n, k.reshape(-1).double() + d.reshape(-1).double() * s64, m2 * s64.square())
 
     def merge(self, other: Moments) -> Moments:
         if self.mean is None:
@@ -116,8 +114,7 @@ def weight_vec(w: torch.Tensor) -> torch.Tensor:
     activations, see Moments). Any NaN/Inf makes the sums non-finite, which sets the flag. All four
     add up over the shards of a sharded parameter.
     """
-    x = w.detach().reshape(-1)
-    x = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    x = as_float(w.detach().reshape(-1))
     s1 = x.sum().double()  # pairwise summation; a float64 accumulator costs 15x here
     s2 = torch.dot(x, x).double() if x.numel() else s1 * 0
     n = torch.tensor(float(x.numel()), dtype=torch.float64, device=x.device)
