@@ -69,7 +69,7 @@ def write_figures(writer: Any, diag, step: int, *, history: list | None = None, 
                   images: bool = True) -> None:
     """The depth profile, the history heatmap (from two samples on) and the histograms."""
     if histograms:
-        for (kind, name), values in diag.stats.samples.items():
+        for (kind, name), values in diag.stats.values.items():
             v = values[values.isfinite()]
             if v.numel():
                 writer.add_histogram(f"initdoctor/{kind}/{name or 'model'}", v, step)

@@ -8,7 +8,7 @@ identical (weights, gradient, state) to identical updates). 1-D parameters are n
 from __future__ import annotations
 
 from ..stats import ModelStats
-from . import Finding, Rule, register
+from . import Context, Finding, Rule, register
 
 
 def _where(name: str, param: str) -> str:
@@ -21,7 +21,8 @@ def _where(name: str, param: str) -> str:
 class ConstantWeights(Rule):
     code = "ID101"
 
-    def check(self, stats: ModelStats) -> list[Finding]:
+    def judge(self, ctx: Context) -> list[Finding]:
+        stats = ctx.stats
         out = []
         for lay in stats.layers:
             for sym in lay.symmetry:
@@ -66,7 +67,8 @@ def _dups(stats: ModelStats, frozen: bool):
 class DuplicateUnits(Rule):
     code = "ID102"
 
-    def check(self, stats: ModelStats) -> list[Finding]:
+    def judge(self, ctx: Context) -> list[Finding]:
+        stats = ctx.stats
         out = []
         for lay, sym, groups in _dups(stats, frozen=False):
             groups = [g for g in groups if g not in sym.frozen_groups]  # those are ID103's
@@ -88,7 +90,8 @@ class DuplicateUnits(Rule):
 class UnbreakableSymmetry(Rule):
     code = "ID103"
 
-    def check(self, stats: ModelStats) -> list[Finding]:
+    def judge(self, ctx: Context) -> list[Finding]:
+        stats = ctx.stats
         out = []
         for lay, sym, groups in _dups(stats, frozen=True):
             n = sum(len(g) for g in groups)
