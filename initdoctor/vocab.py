@@ -44,11 +44,13 @@ class Metric:
 
 
 METRICS = (
-    Metric("signal", "signal", "signal (per-unit variance of the pre-activation)", log=True),
-    Metric("scale", "q", "scale q = mean(y²) of the pre-activation", log=True),
-    Metric("gradient", "grad_q", "gradient G = mean(δ²), δ = dL/dy", log=True),
+    Metric("signal", "signal", "signal (per-unit variance)", log=True),
+    Metric("scale", "q", "scale q = mean(y²)", log=True),
+    Metric("gradient", "grad_q", "gradient G = mean(δ²)", log=True),
     Metric("weight_grad_ratio", "weight_grad_ratio", "|dL/dW| / |W|", log=True),
-    Metric("saturation", "saturated", "share of outputs on the flat tails", log=False, per_activation=True),
-    Metric("dead", "dead", "share of units that output zero for every example", log=False, per_activation=True),
+    Metric("saturation", "saturated", "saturated share", log=False, per_activation=True),
+    Metric("dead", "dead", "dead-unit share", log=False, per_activation=True),
 )
 METRIC = {m.name: m for m in METRICS}
+# a watch() history record keeps each metric under its LayerStats attribute
+HISTORY_FIELDS = tuple(m.attr for m in METRICS)

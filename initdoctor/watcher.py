@@ -25,11 +25,11 @@ from .diagnosis import Diagnosis, judge
 from .probe import Recorder
 from .rules import Finding
 from .stats import ModelStats
+from .vocab import HISTORY_FIELDS
 
 log = logging.getLogger("initdoctor")
 log.addHandler(logging.NullHandler())  # a library logs; the application decides where it goes
 
-HISTORY_FIELDS = ("signal", "q", "grad_q", "saturated", "dead", "weight_grad_ratio")
 
 
 class InitDoctorWarning(UserWarning):
