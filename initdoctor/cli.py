@@ -81,6 +81,8 @@ def _tensors_to(x, device=None, dtype=None):
         return x.to(dtype) if dtype is not None and x.is_floating_point() else x
     if isinstance(x, (tuple, list)):
         return type(x)(_tensors_to(t, device, dtype) for t in x)
+    if isinstance(x, dict):
+        return {k: _tensors_to(v, device, dtype) for k, v in x.items()}
     return x
 
 

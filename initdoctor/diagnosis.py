@@ -16,7 +16,7 @@ from .apply import apply_plan, restore, scale_layer, snapshot
 from .codes import SEVERITY_RANK
 from .depth import Trend, severity_for_ratio, tanh_depth, trends
 from .plan import Prescription, make_plan
-from .probe import eager, examine
+from .probe import call_args, eager, examine
 from .rules import Context, Finding, FixOutcome, conclude, run_rules
 from .schemes import Prescriber
 from .stats import LayerStats, ModelStats
@@ -72,12 +72,17 @@ class Diagnosis:
 
 
 def describe_input(x: Any) -> dict:
-    ts = [t for t in (x if isinstance(x, tuple) else (x,)) if isinstance(t, torch.Tensor)]
-    if not ts:
+    args, kwargs = call_args(x)
+    named = [(None, t) for t in args if isinstance(t, torch.Tensor)]
+    named += [(k, t) for k, t in kwargs.items() if isinstance(t, torch.Tensor)]
+    if not named:
         return {"shape": [], "dtype": type(x).__name__, "inferred": False}
-    d = {"shape": list(ts[0].shape), "dtype": str(ts[0].dtype).replace("torch.", ""), "inferred": False}
-    if len(ts) > 1:
-        d["shapes"] = [list(t.shape) for t in ts]
+    first = named[0][1]
+    d = {"shape": list(first.shape), "dtype": str(first.dtype).replace("torch.", ""), "inferred": False}
+    if len(named) > 1:
+        d["shapes"] = [list(t.shape) for _, t in named]
+    if kwargs:
+        d["keywords"] = [k for k, _ in named if k is not None]
     return d
 
 

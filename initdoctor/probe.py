@@ -27,6 +27,20 @@ from .stats import ModelStats
 from .weights import is_weight_layer, unit_dim
 
 
+def call_args(inputs: Any) -> tuple[tuple, dict]:
+    """How an example input is passed to the model: positional arguments and keyword arguments.
+
+    A tuple is the positional arguments; a dict (`{"input_ids": ids}`) the keyword arguments; a pair
+    `(args, kwargs)` of a tuple or list and a dict both; anything else is the one argument.
+    """
+    if isinstance(inputs, dict):
+        return (), dict(inputs)
+    if (isinstance(inputs, tuple) and len(inputs) == 2 and isinstance(inputs[0], (tuple, list))
+            and isinstance(inputs[1], dict)):
+        return tuple(inputs[0]), dict(inputs[1])
+    return (inputs if isinstance(inputs, tuple) else (inputs,)), {}
+
+
 def eager(model: Any) -> nn.Module:
     """The module itself; a `torch.compile`d model is examined through the module it wraps."""
     if not isinstance(model, nn.Module):
@@ -93,7 +107,7 @@ class Recorder:
     def __enter__(self) -> Recorder:
         try:
             for name, m in self.modules.items():
-                self._module_handles.append(m.register_forward_pre_hook(self._pre_hook(name)))
+                self._module_handles.append(m.register_forward_pre_hook(self._pre_hook(name), with_kwargs=True))
                 # always_call: after a forward that raises, the root hook still leaves the function mode
                 self._module_handles.append(m.register_forward_hook(self._post_hook(name), always_call=name == ""))
         except BaseException:
@@ -137,10 +151,10 @@ class Recorder:
     def _pre_hook(self, name: str):
         root = name == ""
 
-        def hook(module, args):
+        def hook(module, args, kwargs):
             if root:
                 self._enter_functions()
-                self.graph.mark_inputs(args)
+                self.graph.mark_inputs((args, kwargs))
             self._stack.append(name)
         return hook
 
@@ -302,7 +316,7 @@ def examine(model: nn.Module, inputs: Any, loss_fn: Callable | None = None, seed
             seen.add(id(p))
             params.append(p)
     devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
-    args = inputs if isinstance(inputs, tuple) else (inputs,)
+    args, kwargs = call_args(inputs)
     # enable_grad: a caller inside torch.no_grad() still gets the backward pass it asked for.
     with preserved(model, devices), torch.set_grad_enabled(backward), \
             Recorder(model, dropout_off=True, keep_values=keep_values, gradients=backward) as rec:
@@ -310,7 +324,7 @@ def examine(model: nn.Module, inputs: Any, loss_fn: Callable | None = None, seed
         for m in model.modules():
             if isinstance(m, nn.modules.dropout._DropoutNd):
                 m.eval()
-        output = model(*args)
+        output = model(*args, **kwargs)
         if not backward:
             del output
             return rec.finish(None, False, symmetry=False)
