@@ -301,10 +301,40 @@ def test_duplicates_with_equal_gradients_are_unbreakable():
     assert severities(stats, "ID102") == ["warning"]
 
 
-def test_zero_tensor_duplicates_are_id101s():
+def test_a_zero_tensor_with_zero_gradient_is_unbreakable():
+    """DESIGN, "Symmetry, precisely": a zero tensor whose gradient is zero too can never move (ID103)."""
     stats = _sym(constant=True, zero=True, grad_constant=True, grad_rows_differ=False,
                  duplicate_groups=[[0, 1, 2, 3]], frozen_groups=[[0, 1, 2, 3]])
-    assert {f.code for f in findings_of(stats)} == {"ID101"}
+    assert {(f.code, f.severity) for f in findings_of(stats)} == {("ID101", "error"), ("ID103", "error")}
+    (f,) = [f for f in findings_of(stats) if f.code == "ID103"]
+    assert "zero and so is its gradient" in f.message and f.evidence["zero"]
+
+
+def test_a_deliberate_zero_init_is_only_noted():
+    stats = _sym(constant=True, zero=True, grad_constant=False, grad_rows_differ=True,
+                 duplicate_groups=[[0, 1, 2, 3]], frozen_groups=[])
+    assert {(f.code, f.severity) for f in findings_of(stats)} == {("ID101", "info")}
+
+
+def test_zero_attention_projections_are_unbreakable():
+    """W_Q = W_K = 0: each leaves the other's gradient at zero, so neither ever moves."""
+    torch.manual_seed(0)
+
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.v, self.o = (nn.Linear(16, 16) for _ in range(4))
+            for m in (self.q, self.k):
+                nn.init.zeros_(m.weight)
+                nn.init.zeros_(m.bias)
+
+        def forward(self, x):
+            a = torch.softmax(self.q(x) @ self.k(x).transpose(1, 2) / 4, -1)
+            return self.o(a @ self.v(x))
+
+    d = initdoctor.check(Attn(), torch.randn(4, 8, 16))
+    assert [f.layers for f in d.findings if f.code == "ID103"] == [["q"], ["k"]]
+    assert all(f.severity == "error" for f in d.findings if f.code == "ID103")
 
 
 # --- non-finite on hand-built statistics --------------------------------------------------------------
