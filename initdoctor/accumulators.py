@@ -28,7 +28,18 @@ from .stats import (
     units_view,
     weight_vec,
 )
-from .weights import NORM_MODULES, fans, kind, local, main_weight, sharded, symmetry_of, weight_rows
+from .weights import (
+    NORM_MODULES,
+    fans,
+    kind,
+    local,
+    main_weight,
+    parametrization,
+    sharded,
+    symmetry_of,
+    trained_weight,
+    weight_rows,
+)
 
 # --- the buffer protocol --------------------------------------------------------------------
 
@@ -51,6 +62,7 @@ REDUCTIONS = {
     "outbad": Reduce.SUM,  # non-finite entries of the model's outputs
     "pbad": Reduce.MAX,  # non-finite entries per other parameter (replicated under DDP)
     "w": Reduce.FIRST, "b": Reduce.FIRST,  # weight_vec of a layer's weight and bias
+    "wmax": Reduce.MAX,  # largest |w| of a layer's weight (over shards too)
     "gw": Reduce.FIRST,  # [sum of squares, count] of a layer's weight gradient
     "values": Reduce.FIRST, "wvalues": Reduce.FIRST,  # a few values for histograms
 }
@@ -252,9 +264,13 @@ class Accumulators:
         for name, m in layers.items():
             w = main_weight(m)
             if w is not None:
-                items.append((Key("w", name, sharded=sharded(w)), weight_vec(local(w))))
-                if grads is not None and id(w) in grads:
-                    g = grads[id(w)]
+                lw = local(w).detach()
+                items.append((Key("w", name, sharded=sharded(w)), weight_vec(lw)))
+                if lw.numel():
+                    items.append((Key("wmax", name), as_float(lw).abs().amax().double().reshape(1)))
+                tw = trained_weight(m)
+                if grads is not None and tw is not None and id(tw) in grads:
+                    g = grads[id(tw)]
                     gw = as_float(local(g.detach()).reshape(-1))
                     count = torch.tensor(float(gw.numel()), dtype=torch.float64, device=gw.device)
                     items.append((Key("gw", name, sharded=sharded(g)), torch.stack([torch.dot(gw, gw).double(), count])))
@@ -328,8 +344,10 @@ def build_stats(model: nn.Module, layers: dict[str, nn.Module], graph: Graph, ac
 def _layer_stats(name, m, order, graph: Graph, acc: Accumulators, host, grads, seen_params, symmetry) -> LayerStats:
     w = main_weight(m)
     params = [p for p in m._parameters.values() if p is not None]
-    fi, fo = fans(m)
+    transposed = name in graph.transposed
+    fi, fo = fans(m, transposed)
     lay = LayerStats(name=name, type=type(m).__name__, kind=kind(m), index=order.get(name, -1),
+                     transposed=transposed, parametrization=parametrization(m),
                      calls=acc.calls.get(name, 0),
                      weight_shape=list(w.shape) if w is not None else [], fan_in=fi, fan_out=fo,
                      frozen=bool(params) and not any(p.requires_grad for p in params),
@@ -337,6 +355,8 @@ def _layer_stats(name, m, order, graph: Graph, acc: Accumulators, host, grads, s
     if Key("w", name) in host:
         for k, v in summary_of(host[Key("w", name)], local(w)).items():
             setattr(lay, k, v)
+    if Key("wmax", name) in host and lay.weight_nonfinite == 0:
+        lay.weight_absmax = float(host[Key("wmax", name)][0])
     bias = m._parameters.get("bias")
     lay.has_bias = isinstance(bias, torch.Tensor) and bias.numel() > 0
     if Key("b", name) in host:
@@ -370,7 +390,7 @@ def _layer_stats(name, m, order, graph: Graph, acc: Accumulators, host, grads, s
     dup_tol = T.DUP_TOL.get(lay.dtype, T.DUP_TOL["default"])
     if symmetry and w is not None and id(w) not in seen_params:
         seen_params.add(id(w))
-        for label, rows, grows in weight_rows(m, grads):
+        for label, rows, grows in weight_rows(m, grads, transposed):
             lay.symmetry.append(symmetry_of(label, rows, grows, dup_tol))
     return lay
 

@@ -108,11 +108,15 @@ def apply_plan(model: nn.Module, plan: list[Prescription], seed: int = 0) -> lis
                     write(entry.layer, "in_proj_bias", params["in_proj_bias"], torch.zeros(params["in_proj_bias"].shape))
                 continue
             w = params.get("weight")
-            drawn = _draw(w.shape, entry.scheme, entry.gain, entry.mode, gen)
+            if entry.transposed:  # stored (in, out): torch.nn.init reads fans from (out, in)
+                drawn = _draw(torch.Size((w.shape[1], w.shape[0])), entry.scheme, entry.gain, entry.mode, gen).T
+            else:
+                drawn = _draw(w.shape, entry.scheme, entry.gain, entry.mode, gen)
             write(entry.layer, "weight", w, drawn)
             b = params.get("bias")
             if b is not None and entry.bias in ("zeros", "centred"):
-                write(entry.layer, "bias", b, -0.5 * centred_bias(w) if entry.bias == "centred" else
+                write(entry.layer, "bias", b, -0.5 * centred_bias(w.T if entry.transposed else w)
+                      if entry.bias == "centred" else
                       torch.zeros(b.shape))
     return written
 

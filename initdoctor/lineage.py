@@ -142,6 +142,7 @@ class Graph:
         self.normalized: set[str] = set()  # weight layers whose output a norm consumes
         self.outputs: set[str] = set()  # weight layers whose output is the model's
         self.unknown: dict[str, str] = {}  # weight layer -> the unknown op its output goes into
+        self.transposed: set[str] = set()  # weight layers whose weight the model multiplies from the right
         self.residual_adds = 0  # additions of two signals of the network (skip connections)
         self._record_layer: dict[str, str | None] = {}  # activation record -> the layer it follows
         self.lineage.clear()

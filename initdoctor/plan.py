@@ -25,6 +25,7 @@ class Prescription:
     reason: str
     apply: bool = True
     recommended: str = ""  # the textbook scheme, also when the entry says keep
+    transposed: bool = False  # the weight is stored (in, out): drawn as (out, in), then transposed
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -74,7 +75,8 @@ def make_plan(stats: ModelStats, findings: list[Finding], keep: tuple[str, ...] 
             sch = "orthogonal" if scheme == "lsuv" else scheme
             reason = f"forced {scheme} (textbook: {textbook}); gain {gain:.3g} from the nonlinearity"
         bias = ("centred" if centre_bias(lay) else "zeros") if lay.has_bias else "none"
-        entry = Prescription(lay.name, sch, gain, mode, bias, reason, recommended=textbook)
+        entry = Prescription(lay.name, sch, gain, mode, bias, reason, recommended=textbook,
+                             transposed=lay.transposed)
         why_keep = _why_keep(lay, sch, keep, sick, bool(arch), textbook, gain)
         if why_keep is not None:
             entry = replace(entry, scheme="keep", apply=False, reason=why_keep or entry.reason,

@@ -24,7 +24,13 @@ from torch.overrides import TorchFunctionMode
 from .accumulators import Accumulators, build_stats, to_host
 from .lineage import DROPOUTS, Graph, first_tensor, function_name, tensors
 from .stats import ModelStats
-from .weights import is_weight_layer, unit_dim
+from .vocab import EMBEDDING
+from .weights import is_weight_layer, kind, main_weight, unit_dim
+
+# Calls that take a layer's weight as an argument: (function name, position of the weight).
+# linear/conv read W as (out, in); matmul-like calls with W on the right read it as (in, out).
+WEIGHT_ARG = {"linear": 1, "conv1d": 1, "conv2d": 1, "conv3d": 1}
+RIGHT_OPERAND = {"matmul": 1, "mm": 1, "addmm": 2}
 
 
 def call_args(inputs: Any) -> tuple[tuple, dict]:
@@ -90,6 +96,12 @@ class Recorder:
                 if child in self.modules:
                     self.layers.setdefault(child, self.modules[child])
         leaves = {n for n, m in self.modules.items() if not is_weight_layer(m) and not list(m.children())}
+        # id(weight) -> the layers that own it (tied weights have several), to attribute functional uses
+        self._owners: dict[int, list[str]] = {}
+        for n, m in self.layers.items():
+            w = m._parameters.get("weight")
+            if isinstance(w, torch.Tensor) and kind(m) != EMBEDDING and main_weight(m) is w:
+                self._owners.setdefault(id(w), []).append(n)
         self.graph = Graph(set(weight_layers), leaves)
         self._module_handles: list[Any] = []
         self._tensor_handles: list[Any] = []
@@ -248,9 +260,30 @@ class Recorder:
 
     # -- functional calls --
     def _on_function(self, name: str, args: tuple, kwargs: dict, out: Any) -> None:
-        call = self.graph.on_function(name, args, kwargs, out, self._stack[-1] if self._stack else None)
+        inner = self._stack[-1] if self._stack else None
+        borrowed = self._weight_use(name, args) if self._owners else None
+        call = self.graph.on_function(name, args, kwargs, out, borrowed or inner)
         if call is not None:
             self.acc.activation(call)
+        if borrowed is not None:
+            # the layer's weight used outside its own forward (`F.linear(x, self.qkv.weight)`):
+            # its output is the layer's output
+            with torch._C.DisableTorchFunction():
+                self._record_layer(borrowed, self.modules[borrowed], out)
+
+    def _weight_use(self, name: str, args: tuple) -> str | None:
+        """Note how a layer's weight is used; the layer, when it is used outside its own forward."""
+        pos = WEIGHT_ARG.get(name, RIGHT_OPERAND.get(name))
+        if pos is None or len(args) <= pos or not isinstance(args[pos], torch.Tensor):
+            return None
+        owners = self._owners.get(id(args[pos]))
+        if not owners:
+            return None
+        if name in RIGHT_OPERAND:
+            self.graph.transposed.update(owners)
+        if any(o in self._stack for o in owners):
+            return None
+        return owners[0]
 
     # -- results --
     def finish(self, grads: dict[int, torch.Tensor] | None = None, backward: bool = True,

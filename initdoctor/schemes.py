@@ -49,8 +49,12 @@ def default_linear_std(fan_in: int) -> float:
     return 1.0 / math.sqrt(3.0 * fan_in)
 
 
-def looks_default(std: float | None, fan_in: int | None) -> bool:
+def looks_default(std: float | None, fan_in: int | None, absmax: float | None = None) -> bool:
+    """Whether weights look like PyTorch's default U(+-1/sqrt(fan_in)): its std, and (when the largest
+    |w| is known) nothing beyond its bound, which tells it from a normal draw of the same std."""
     if not std or not fan_in:
+        return False
+    if absmax is not None and absmax > 1.0001 / math.sqrt(fan_in):
         return False
     return abs(std / default_linear_std(fan_in) - 1.0) < 0.1
 
@@ -77,6 +81,10 @@ def recommend(lay, tanh_depth: int = 0) -> tuple[str, float, str, str]:
     mode = "fan_out" if lay.kind == vocab.CONV_TRANSPOSE else "fan_in"  # torch's fans are swapped there
     if lay.kind == vocab.EMBEDDING:
         return "keep", 1.0, mode, "embeddings have no fan-in; their scale is the model's choice"
+    if lay.parametrization:
+        return ("keep", gain(act, param), mode,
+                f"the weight is computed by {lay.parametrization}, which sets its scale: initialization of "
+                f"its parameters cannot change it")
     if lay.kind == vocab.RECURRENT:
         return ("xavier_uniform", 1.0, mode,
                 "recurrent layer: Xavier for input weights, orthogonal for recurrent weights, zero biases")
@@ -147,4 +155,4 @@ class Prescriber:
 
     @staticmethod
     def looks_default(lay) -> bool:
-        return looks_default(lay.weight_std, lay.fan_in)
+        return looks_default(lay.weight_std, lay.fan_in, lay.weight_absmax)

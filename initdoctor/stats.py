@@ -168,6 +168,8 @@ class LayerStats:
     name: str
     type: str
     kind: str = "linear"  # vocab.KINDS: how the weight maps inputs to units
+    transposed: bool = False  # the weight is stored (in, out): the model computes x @ W (HF Conv1D)
+    parametrization: str | None = None  # what computes the weight from its parameters (spectral_norm, ...)
     index: int = -1  # execution order among weight layers; -1: never ran
     calls: int = 0
     weight_shape: list[int] = field(default_factory=list)
@@ -187,6 +189,7 @@ class LayerStats:
     weight_std: float | None = None
     weight_rms: float | None = None
     weight_nonfinite: int = 0
+    weight_absmax: float | None = None  # tells PyTorch's default U(+-1/sqrt(fan_in)) from a normal draw
     bias_mean: float | None = None
     bias_std: float | None = None
     # forward (pre-activation output of the layer)

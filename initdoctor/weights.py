@@ -21,12 +21,42 @@ NORM_MODULES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm) + (
     (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ())
 
 
+def parametrization(m: nn.Module) -> str | None:
+    """The parametrizations that compute `m.weight` (e.g. "spectral_norm"), or None for a plain weight."""
+    plist = getattr(getattr(m, "parametrizations", None), "weight", None)
+    if plist is None:
+        return None
+    names = [type(p).__name__.strip("_") for p in plist]
+    return "+".join(_SNAKE.get(n, n) for n in names)
+
+
+_SNAKE = {"SpectralNorm": "spectral_norm", "WeightNorm": "weight_norm", "Orthogonal": "orthogonal"}
+
+
+def effective_weight(m: nn.Module) -> torch.Tensor:
+    """The weight the layer computes with. A parametrized one is computed with its parametrizations
+    in eval mode, so that reading it never advances state (spectral norm's power iteration)."""
+    if parametrization(m) is None:
+        return m._parameters["weight"]
+    plist = m.parametrizations.weight
+    modes = [(p, p.training) for p in plist]
+    try:
+        for p, _ in modes:
+            p.train(False)
+        with torch.no_grad():
+            return m.weight.detach()
+    finally:
+        for p, mode in modes:
+            p.train(mode)
+
 
 def is_weight_layer(m: nn.Module) -> bool:
     if isinstance(m, (nn.MultiheadAttention, nn.RNNBase)):
         return True
     if isinstance(m, NORM_MODULES):
         return False  # a LayerNorm over 2-D shapes has a 2-D weight, but no units to tell apart
+    if parametrization(m) is not None:
+        return effective_weight(m).dim() >= 2
     w = m._parameters.get("weight")
     return w is not None and w.dim() >= 2
 
@@ -47,12 +77,22 @@ def kind(m: nn.Module) -> str:
 
 
 def main_weight(m: nn.Module) -> torch.Tensor | None:
-    """The tensor whose statistics stand for the layer's weights."""
+    """The tensor whose statistics stand for the layer's weights (computed, if parametrized)."""
     if isinstance(m, nn.MultiheadAttention):
         return m.in_proj_weight if m.in_proj_weight is not None else m.q_proj_weight
     if isinstance(m, nn.RNNBase):
         return m._parameters.get("weight_ih_l0")
+    if parametrization(m) is not None:
+        return effective_weight(m)
     return m._parameters.get("weight")
+
+
+def trained_weight(m: nn.Module) -> torch.Tensor | None:
+    """The parameter that training updates for the main weight: itself, or a parametrization's
+    `original` (several originals, as weight norm's g and v, have no one answer: None)."""
+    if parametrization(m) is None:
+        return main_weight(m)
+    return getattr(m.parametrizations.weight, "original", None)
 
 
 def unit_dim(m: nn.Module, out: torch.Tensor) -> int:
@@ -62,17 +102,18 @@ def unit_dim(m: nn.Module, out: torch.Tensor) -> int:
     return -1
 
 
-def fans(m: nn.Module) -> tuple[int | None, int | None]:
-    """Forward fan-in and fan-out; ConvTranspose's weight stores them the other way round."""
+def fans(m: nn.Module, transposed: bool = False) -> tuple[int | None, int | None]:
+    """Forward fan-in and fan-out; ConvTranspose's weight stores them the other way round, and so
+    does a matrix the model multiplies from the right (`x @ W`, Hugging Face's Conv1D): `transposed`."""
     if isinstance(m, nn.MultiheadAttention):
         return m.embed_dim, m.embed_dim
     if isinstance(m, nn.RNNBase):
         return m.input_size, m.hidden_size
     if isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
         return None, m.embedding_dim
-    w = m._parameters["weight"]
+    w = main_weight(m)
     fi, fo = nn.init._calculate_fan_in_and_fan_out(w)
-    if isinstance(m, nn.modules.conv._ConvTransposeNd):
+    if isinstance(m, nn.modules.conv._ConvTransposeNd) or transposed:
         fi, fo = fo, fi
     return fi, fo
 
@@ -124,8 +165,12 @@ class Rows:
         return d if self.b is None else torch.sqrt(d.square() + (self.b[idx] - self.b[ref]).square())
 
 
-def weight_rows(m: nn.Module, grads: dict[int, torch.Tensor] | None) -> Iterator[tuple[str, Rows, Rows | None]]:
-    """(label, rows, gradient rows) per unit-matrix of a layer: one row per output unit."""
+def weight_rows(m: nn.Module, grads: dict[int, torch.Tensor] | None,
+                transposed: bool = False) -> Iterator[tuple[str, Rows, Rows | None]]:
+    """(label, rows, gradient rows) per unit-matrix of a layer: one row per output unit.
+
+    `transposed`: the weight is stored (in, out), so units are its columns.
+    """
 
     def g(p: torch.Tensor | None) -> torch.Tensor | None:
         if p is None or grads is None:
@@ -166,10 +211,12 @@ def weight_rows(m: nn.Module, grads: dict[int, torch.Tensor] | None) -> Iterator
         return
     if isinstance(m, (nn.Embedding, nn.EmbeddingBag)):
         return  # rows are tokens, not units
-    w = m._parameters["weight"]
+    w = main_weight(m)
     b = m._parameters.get("bias")
-    transpose = isinstance(m, nn.modules.conv._ConvTransposeNd) and m.groups == 1
-    yield ("weight",) + rows(w, b, g(w), g(b), transpose=transpose)
+    transpose = transposed or (isinstance(m, nn.modules.conv._ConvTransposeNd) and m.groups == 1)
+    # a parametrized weight's gradient rows are not the original's: its symmetry is judged on weights
+    gw = g(w) if parametrization(m) is None else None
+    yield ("weight",) + rows(w, b, gw, g(b) if gw is not None else None, transpose=transpose)
 
 
 def _directions(fan: int, k: int, like: torch.Tensor) -> torch.Tensor:

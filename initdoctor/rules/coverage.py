@@ -119,11 +119,27 @@ class InitCannotCure(Rule):
         order = {lay.name: lay.index for lay in ctx.stats.layers}
         names = sorted({n for f in why for n in f.layers}, key=lambda n: order.get(n, 1 << 30))
         codes = sorted({f.code for f in why})
-        return [self.finding(
-            "info", names[:8],
-            "initialization alone cannot cure " + ", ".join(codes)
-            + ": " + ("the layers are followed by normalization, which undoes any init scale, yet gradients "
-                      "still grow through the plain stack; add residual connections (or use fewer layers)."
-                      if arch else "consider normalization (BatchNorm/LayerNorm), residual connections, or "
-                      "another activation."),
-            remaining=codes)]
+        return [self.finding("info", names[:8], "initialization alone cannot cure " + ", ".join(codes) + ": "
+                             + _what_it_lacks(ctx, names, bool(arch)), remaining=codes)]
+
+
+def _what_it_lacks(ctx: Context, names: list[str], arch: bool) -> str:
+    """The architectural change to name, from what the network has and has not."""
+    layers = [lay for lay in ctx.stats.layers if lay.name in names]
+    fixed = sorted({lay.parametrization for lay in layers if lay.parametrization})
+    if fixed:
+        return (f"the weights are computed by {', '.join(fixed)}, which sets their scale whatever they "
+                f"start from; remove the parametrization, or rescale the layers' outputs (a gain after "
+                f"each layer).")
+    if arch:
+        return ("the layers are followed by normalization, which undoes any init scale, yet gradients still "
+                "grow through the plain stack; add residual connections (or use fewer layers).")
+    ran = ctx.stats.ran()
+    lacks = []
+    if not any(lay.normalized for lay in ran) and not ctx.stats.norms:
+        lacks.append("normalization (BatchNorm/LayerNorm)")
+    if not ctx.stats.residual_adds:
+        lacks.append("residual connections")
+    if lacks:
+        return "the network has no " + " and no ".join(lacks) + "; add them, or use another activation."
+    return "it already has normalization and residual connections; try another activation or fewer layers."

@@ -34,6 +34,11 @@ def _advice(ctx: Context, trend: Trend) -> tuple[str, dict]:
     passes = (f"keeps about 1/{1 / factor:.0f} of the variance it receives" if factor < 0.5 else
               f"multiplies the variance it receives by about {factor:.2g}")
     text = f" fan_in * Var(W) * slope^2 = {factor:.3g}: each {act or 'linear'} layer {passes} (small inputs)."
+    if lay.parametrization:
+        ev["parametrization"] = lay.parametrization
+        return text + (f" The weights are computed by {lay.parametrization}, which sets their scale: no "
+                       f"initialization can change it; remove the parametrization or rescale what it "
+                       f"feeds."), ev
     if ctx.cure.at_prescribed_scale(lay):
         text += " The weights already have the prescribed scale"
         if lay.bias_mean is not None and abs(lay.bias_mean) > 0.1:
