@@ -36,7 +36,7 @@ from .weights import (
     main_weight,
     parametrization,
     sharded,
-    symmetry_of,
+    symmetry_all,
     trained_weight,
     weight_rows,
 )
@@ -314,9 +314,9 @@ def build_stats(model: nn.Module, layers: dict[str, nn.Module], graph: Graph, ac
                 symmetry: bool) -> ModelStats:
     """ModelStats from the host copy of the buffer, the structure the graph saw, and the weights."""
     order = {n: i for i, n in enumerate(acc.order)}
-    seen_params: set[int] = set()
-    out = [_layer_stats(name, m, order, graph, acc, host, grads, seen_params, symmetry)
-           for name, m in layers.items()]
+    out = [_layer_stats(name, m, order, graph, acc, host) for name, m in layers.items()]
+    if symmetry:
+        _symmetry(out, layers, grads)
     acts = [_act_stats(name, a, host) for name, a in acc.acts.items()]
     by_layer = {a.layer: a for a in acts if a.layer}
     for lay in out:
@@ -341,7 +341,25 @@ def build_stats(model: nn.Module, layers: dict[str, nn.Module], graph: Graph, ac
     return stats
 
 
-def _layer_stats(name, m, order, graph: Graph, acc: Accumulators, host, grads, seen_params, symmetry) -> LayerStats:
+def _symmetry(stats: list[LayerStats], layers: dict[str, nn.Module], grads: dict[int, torch.Tensor] | None) -> None:
+    """Each layer's row symmetry (a tied weight once, under its first layer), screened together."""
+    seen: set[int] = set()
+    items, owners = [], []
+    for lay in stats:
+        m = layers[lay.name]
+        w = main_weight(m)
+        if w is None or id(w) in seen:
+            continue
+        seen.add(id(w))
+        tol = T.DUP_TOL.get(lay.dtype, T.DUP_TOL["default"])
+        for label, rows, grows in weight_rows(m, grads, lay.transposed):
+            items.append((label, rows, grows, tol))
+            owners.append(lay)
+    for lay, sym in zip(owners, symmetry_all(items)):
+        lay.symmetry.append(sym)
+
+
+def _layer_stats(name, m, order, graph: Graph, acc: Accumulators, host) -> LayerStats:
     w = main_weight(m)
     params = [p for p in m._parameters.values() if p is not None]
     transposed = name in graph.transposed
@@ -387,11 +405,6 @@ def _layer_stats(name, m, order, graph: Graph, acc: Accumulators, host, grads, s
         lay.weight_grad_rms = math.sqrt(sumsq / max(count, 1.0))
         if lay.weight_rms:
             lay.weight_grad_ratio = lay.weight_grad_rms / lay.weight_rms
-    dup_tol = T.DUP_TOL.get(lay.dtype, T.DUP_TOL["default"])
-    if symmetry and w is not None and id(w) not in seen_params:
-        seen_params.add(id(w))
-        for label, rows, grows in weight_rows(m, grads, transposed):
-            lay.symmetry.append(symmetry_of(label, rows, grows, dup_tol))
     return lay
 
 

@@ -320,5 +320,69 @@ def symmetry_of(label: str, rows: Rows, grows: Rows | None, tol_rel: float) -> S
                          value=lo if constant else None, shape=list(rows.w.shape))
 
 
-# --- accumulators ---------------------------------------------------------------------------
+
+
+def symmetry_all(items: list[tuple[str, Rows, Rows | None, float]]) -> list[SymmetryStats]:
+    """`symmetry_of` for many (label, rows, gradient rows, tol_rel), with the same results.
+
+    Deep stacks of small layers spend most of their symmetry time in per-call overhead. Matrices of
+    one shape are screened together: one batched projection and sort find every layer with no
+    candidate twins, no constant tensor and gradient rows that differ, which is nearly every layer
+    of a healthy model; only the others go through `symmetry_of`.
+    """
+    out: list[SymmetryStats | None] = [None] * len(items)
+    groups: dict[tuple, list[int]] = {}
+    for i, (_, rows, grows, tol) in enumerate(items):
+        if len(rows) >= 2 and grows is not None:
+            key = (tuple(rows.w.shape), rows.b is not None, rows.w.dtype, rows.w.device, tol,
+                   grows.b is not None, grows.w.dtype)
+            groups.setdefault(key, []).append(i)
+    for idx in groups.values():
+        if len(idx) < 2:
+            continue
+        for i, plain in zip(idx, _screen([items[i] for i in idx])):
+            if plain:
+                label, rows, _, _ = items[i]
+                out[i] = SymmetryStats(label, len(rows), False, False, False, True, [], [],
+                                       shape=list(rows.w.shape))
+    return [s if s is not None else symmetry_of(*items[i]) for i, s in enumerate(out)]
+
+
+def _screen(items: list[tuple[str, Rows, Rows | None, float]]) -> list[bool]:
+    """Per item, whether it is certainly plain: finite, not constant, no two rows within the
+    tolerance (no neighbours close on three projections), gradient not constant and its rows differ.
+
+    Each matrix is read by a few large ops (its projections, row norms, extremes) with no copy; the
+    rest runs once on the small stacked results.
+    """
+    tol_rel = items[0][3]
+    rows0 = items[0][1]
+    n, fan = rows0.w.shape
+    v = _directions(fan, 3, rows0.w)
+    proj, norms, ext, g1, gnorms, gext = [], [], [], [], [], []
+    for _, rows, grows, _ in items:
+        proj.append(rows.project(v))
+        norms.append(rows.norms())
+        ext.append(torch.stack(torch.aminmax(rows.w)))
+        g1.append(grows.project(v[:, :1])[:, 0])
+        gnorms.append(grows.norms())
+        gext.append(torch.stack(torch.aminmax(grows.w)))
+    proj, norms, ext = torch.stack(proj), torch.stack(norms), torch.stack(ext)
+    g1, gnorms, gext = torch.stack(g1), torch.stack(gnorms), torch.stack(gext)
+    tol = tol_rel * norms.amax(1)  # (L,)
+    lo, hi = ext[:, 0], ext[:, 1]
+    finite = torch.isfinite(lo) & torch.isfinite(hi) & torch.isfinite(tol)
+    not_constant = (hi - lo) > tol_rel * torch.maximum(lo.abs(), hi.abs()).clamp_min(1e-30)
+    order = torch.argsort(proj[:, :, 0], dim=1)
+    ps = torch.gather(proj, 1, order[:, :, None].expand(-1, -1, 3))
+    close = torch.zeros(len(items), dtype=torch.bool, device=proj.device)
+    for k in range(1, min(_LOOKAHEAD, n - 1) + 1):
+        close |= ((ps[:, k:] - ps[:, :-k]).abs() <= tol[:, None, None]).all(2).any(1)
+    gtol = tol_rel * gnorms.amax(1).clamp_min(1e-30)
+    glo, ghi = gext[:, 0], gext[:, 1]
+    gmax = torch.maximum(glo.abs(), ghi.abs())
+    grad_varies = (gmax > 0) & ((ghi - glo) > tol_rel * gmax)
+    differ = (g1 - g1[:, :1]).abs().amax(1) > gtol
+    plain = finite & not_constant & ~close & grad_varies & differ & torch.isfinite(gtol)
+    return plain.tolist()
 

@@ -78,3 +78,29 @@ def test_symmetry_of_a_zero_tensor_and_its_gradient():
     sym = symmetry_of(label, rows, grows, 1e-5)
     assert sym.zero and sym.constant and sym.grad_constant
     assert sym.duplicate_groups == [[0, 1, 2]] and sym.frozen_groups == [[0, 1, 2]]
+
+
+def test_screened_symmetry_equals_one_by_one():
+    """symmetry_all screens same-shape matrices together; every result must equal symmetry_of's."""
+    from initdoctor.weights import Rows, symmetry_all
+
+    gen = torch.Generator().manual_seed(0)
+    items = []
+    for case in range(8):
+        w, b = torch.randn(12, 5, generator=gen), torch.randn(12, generator=gen)
+        gw, gb = torch.randn(12, 5, generator=gen), torch.randn(12, generator=gen)
+        if case == 1:  # twins with equal gradients
+            w[3], b[3], gw[3], gb[3] = w[0], b[0], gw[0], gb[0]
+        if case == 2:  # constant weights
+            w.fill_(0.3)
+        if case == 3:  # zero gradient
+            gw.zero_()
+            gb.zero_()
+        if case == 4:  # twins whose gradients differ
+            w[5], b[5] = w[7], b[7]
+        items.append((f"w{case}", Rows.of(w, b), Rows.of(gw, gb), 1e-5))
+    items.append(("alone", Rows.of(torch.randn(4, 3, generator=gen)), None, 1e-5))
+    fast = symmetry_all(items)
+    slow = [symmetry_of(*it) for it in items]
+    assert fast == slow
+    assert fast[1].frozen_groups == [[0, 3]] and fast[4].duplicate_groups == [[5, 7]] and fast[2].constant
