@@ -48,6 +48,13 @@ PASSTHROUGH = {
     "pixel_shuffle", "upsample", "fold", "unfold", "masked_fill", "where", "concat", "concatenate",
 }
 IGNORED = {"register_hook", "size", "dim", "numel", "is_floating_point"}
+# Composed nonlinearities, recognised by what they compute rather than by name: a tensor's square
+# ("moment": on through mean, + eps, rsqrt/sqrt/reciprocal) that multiplies or divides the tensor
+# again is a normalization (RMSNorm: x * rsqrt(mean(x^2) + eps)); tanh of a cubic polynomial of a
+# tensor ("cubic") is the tanh approximation of GELU (0.5 x (1 + tanh(c (x + 0.044715 x^3)))).
+MOMENT, CUBIC = "moment", "cubic"
+POWERS = {"pow", "square", "float_power"}
+STATISTIC_OPS = {"rsqrt", "sqrt", "reciprocal"}
 
 
 def function_name(func: Any) -> str:
@@ -179,8 +186,16 @@ class Graph:
                 act = act or a
         else:
             srcs, act = self.lineage.get(x)
+        if srcs and (name in POWERS or (name in STATISTIC_OPS and act == MOMENT)):
+            self._composed(name, args, kwargs, act, srcs, out)
+            return None
+        if name in ("mul", "imul", "rmul", "div", "truediv", "itruediv") and self._normalizes(x, args, out):
+            return None
         if name in ACTIVATIONS:
-            return self._activation(ACTIVATIONS[name], name, args, kwargs, x, out, srcs, inner)
+            kind = ACTIVATIONS[name]
+            if kind == "tanh" and act == CUBIC:
+                kind = "gelu"
+            return self._activation(kind, name, args, kwargs, x, out, srcs, inner)
         if name in WEIGHT_OPS:
             self._linear(srcs)
             if inner in self.weight_layers and inner not in self.fed_by:
@@ -210,6 +225,34 @@ class Graph:
                     self.follows[s] = Follows("unknown")
                     self.unknown[s] = name
         return None
+
+    def _composed(self, name: str, args: tuple, kwargs: dict, act: str | None, srcs: frozenset[str],
+                  out: Any) -> None:
+        """A power of a layer's output, or a statistic of its second moment: no consumer of its own."""
+        if name in STATISTIC_OPS:
+            tag = MOMENT
+        else:
+            exp = 2 if name == "square" else (args[1] if len(args) > 1 else kwargs.get("exponent"))
+            tag = {2: MOMENT, 3: CUBIC}.get(exp if isinstance(exp, (int, float)) else None)
+            if tag is None:
+                for s in srcs:  # another power: an unknown consumer, as before
+                    if s not in self.follows:
+                        self.follows[s] = Follows("unknown")
+                        self.unknown[s] = name
+        for t in tensors(out):
+            self.lineage.set(t, srcs, tag)
+
+    def _normalizes(self, x: Any, args: tuple, out: Any) -> bool:
+        """`x * rsqrt(mean(x^2) + eps)` (or `x / sqrt(...)`): the layers behind x are normalized."""
+        y = args[1] if len(args) > 1 else None
+        if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)):
+            return False
+        (sx, ax), (sy, ay) = self.lineage.get(x), self.lineage.get(y)
+        if ay != MOMENT or ax == MOMENT or not sx or not (sy & sx):
+            return False
+        self.normalized.update(s for s in sx if s not in self.follows)
+        self.lineage.set(out, sx, ax)  # what a norm layer passes on: the signal, normalized
+        return True
 
     def _activation(self, kind, fname, args, kwargs, x, out, srcs, inner) -> ActivationCall | None:
         if not isinstance(out, torch.Tensor) or not out.is_floating_point():
