@@ -30,8 +30,14 @@ VOCAB = 512
 BATCH, SEQ = 4, 32
 
 
+def _gen(seed: int) -> torch.Generator:
+    """The example input's generator: apart from the global RNG the weights are drawn from (the same
+    seed there would make the first weight rows copies of the first input rows)."""
+    return torch.Generator().manual_seed(10_000 + seed)
+
+
 def _ids(seed: int = 0, batch: int = BATCH, seq: int = SEQ, vocab: int = VOCAB) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
+    g = _gen(seed)
     return torch.randint(0, vocab, (batch, seq), generator=g)
 
 
@@ -197,7 +203,7 @@ def relu_dead_bias(seed: int = 0, depth: int = 4, width: int = 128, bias: float 
         layers += [lin, nn.ReLU()]
     layers.append(nn.Linear(width, 10))
     model = nn.Sequential(*layers)
-    x = torch.randn(256, width, generator=torch.Generator().manual_seed(seed))
+    x = torch.randn(256, width, generator=_gen(seed))
     with torch.no_grad():  # each layer's bias from the pre-activation std it actually sees
         h = x
         for lin in model[:-1:2]:
@@ -289,7 +295,7 @@ class EfficientNetLike(nn.Module):
 
 def efficientnet(seed: int = 0):
     torch.manual_seed(seed)
-    return EfficientNetLike(), torch.randn(8, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
+    return EfficientNetLike(), torch.randn(8, 3, 64, 64, generator=_gen(seed))
 
 
 class YBlock(nn.Module):
@@ -344,7 +350,7 @@ class RegNetYLike(nn.Module):
 def regnet_y(seed: int = 0, widths=(24, 56, 152, 368), depths=(1, 1, 4, 7)):
     """RegNetY-400MF's widths/depths (group width 8 here), on 64x64 inputs."""
     torch.manual_seed(seed)
-    return RegNetYLike(widths, depths), torch.randn(8, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
+    return RegNetYLike(widths, depths), torch.randn(8, 3, 64, 64, generator=_gen(seed))
 
 
 class ShiftedWindowAttention(nn.Module):
@@ -421,7 +427,7 @@ class SwinLike(nn.Module):
 
 def swin(seed: int = 0, depth: int = 6):
     torch.manual_seed(seed)
-    return SwinLike(depth=depth), torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+    return SwinLike(depth=depth), torch.randn(4, 3, 32, 32, generator=_gen(seed))
 
 
 class ViTAttention(nn.Module):
@@ -483,7 +489,7 @@ class ViTLike(nn.Module):
 def vit(seed: int = 0, dim: int = 192, depth: int = 6, heads: int = 3):
     torch.manual_seed(seed)
     return ViTLike(dim=dim, depth=depth, heads=heads), torch.randn(
-        4, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+        4, 3, 32, 32, generator=_gen(seed))
 
 
 # --- parametrized weights ----------------------------------------------------------------------
@@ -500,7 +506,7 @@ def spectral_norm_mlp(seed: int = 0, depth: int = 10, width: int = 128):
     for _ in range(depth):
         layers += [spectral_norm(nn.Linear(width, width)), nn.ReLU()]
     layers.append(spectral_norm(nn.Linear(width, 10)))
-    return nn.Sequential(*layers), torch.randn(64, width, generator=torch.Generator().manual_seed(seed))
+    return nn.Sequential(*layers), torch.randn(64, width, generator=_gen(seed))
 
 
 def weight_norm_mlp(seed: int = 0, depth: int = 6, width: int = 128):
@@ -513,7 +519,7 @@ def weight_norm_mlp(seed: int = 0, depth: int = 6, width: int = 128):
     for _ in range(depth):
         layers += [weight_norm(nn.Linear(width, width)), nn.ReLU()]
     layers.append(weight_norm(nn.Linear(width, 10)))
-    return nn.Sequential(*layers), torch.randn(64, width, generator=torch.Generator().manual_seed(seed))
+    return nn.Sequential(*layers), torch.randn(64, width, generator=_gen(seed))
 
 
 # --- composed activations: hand-written RMSNorm and gelu_new -----------------------------------
