@@ -36,6 +36,9 @@ LINEAR_CONSUMERS = {"matmul", "bmm", "mm", "einsum", "baddbmm", "scaled_dot_prod
                     "softmax", "log_softmax", "cross_entropy", "mse_loss", "nll_loss"}
 DROPOUTS = {"dropout", "alpha_dropout", "feature_alpha_dropout", "dropout1d", "dropout2d", "dropout3d"}
 NORMS = {"batch_norm", "layer_norm", "group_norm", "instance_norm", "rms_norm", "local_response_norm"}
+# norms over the last dim: what a transformer's residual stream passes through
+STREAM_NORMS = {"layer_norm", "rms_norm"}
+MATMULS = {"addmm", "mm", "matmul", "bmm", "baddbmm"}
 PASSTHROUGH = {
     "view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "transpose", "permute",
     "contiguous", "clone", "to", "float", "double", "half", "bfloat16", "type", "type_as", "get",
@@ -133,6 +136,14 @@ class ActivationCall:
     out: torch.Tensor
 
 
+@dataclasses.dataclass
+class StreamNorm:
+    """A norm over the last dim: its input is the stream whose scale the gradient is relative to."""
+
+    index: int
+    x: torch.Tensor
+
+
 class Graph:
     """The structure seen in one forward pass (reset per pass)."""
 
@@ -141,6 +152,9 @@ class Graph:
         # modules with no children and no weights: a nonlinearity called inside one is that module
         self.leaf_activations = leaf_activations
         self.lineage = Lineage()
+        # Which weight layers are upstream of a tensor, through every op but weight ops (attention's
+        # matmuls included): a branch's layers reach the stream norm of the branch they write into.
+        self.upstream = Lineage()
         self.reset()
 
     def reset(self) -> None:
@@ -152,7 +166,12 @@ class Graph:
         self.transposed: set[str] = set()  # weight layers whose weight the model multiplies from the right
         self.residual_adds = 0  # additions of two signals of the network (skip connections)
         self._record_layer: dict[str, str | None] = {}  # activation record -> the layer it follows
+        self.feeds: dict[str, str] = {}  # weight layer -> the first weight layer its output reaches
+        self.next_norm: dict[str, int] = {}  # weight layer -> the first stream norm its output reaches
+        self.stream_norms = 0
+        self._norm_input: torch.Tensor | None = None
         self.lineage.clear()
+        self.upstream.clear()
 
     def mark_inputs(self, inputs: Any) -> None:
         for t in tensors(inputs):
@@ -166,16 +185,51 @@ class Graph:
 
     def layer_output(self, layer: str, y: torch.Tensor) -> None:
         self.lineage.set(y, frozenset([layer]), None)
+        self.upstream.set(y, frozenset([layer]), None)
+
+    def stream_norm_of(self, layer: str) -> int | None:
+        """The stream norm a layer's output reaches, directly or through the layers it feeds."""
+        seen: set[str] = set()
+        while layer not in self.next_norm and layer in self.feeds and layer not in seen:
+            seen.add(layer)
+            layer = self.feeds[layer]
+        return self.next_norm.get(layer)
 
     def _linear(self, sources: frozenset[str]) -> None:
         for s in sources:
             self.follows.setdefault(s, Follows("identity"))
 
-    def on_function(self, name: str, args: tuple, kwargs: dict, out: Any, inner: str | None) -> ActivationCall | None:
-        """Follow one function call; `inner` is the innermost module running. Returns a nonlinearity
-        call to measure, if it is one."""
+    def on_function(self, name: str, args: tuple, kwargs: dict, out: Any,
+                    inner: str | None) -> tuple[ActivationCall | None, StreamNorm | None]:
+        """Follow one function call; `inner` is the innermost module running (or the layer whose
+        weight the call uses). Returns the nonlinearity to measure and the stream norm to measure,
+        if the call is either."""
         if name in IGNORED:
-            return None
+            return None, None
+        up: frozenset[str] = frozenset()
+        for t in (*args, *kwargs.values()):
+            for u in (t if isinstance(t, (list, tuple)) else (t,)):
+                up |= self.upstream.get(u)[0]
+        self._norm_input = None
+        call = self._follow(name, args, kwargs, out, inner)
+        norm = None
+        if (name in WEIGHT_OPS or name in MATMULS) and inner in self.weight_layers:
+            # the layer's own operation (F.linear, or x @ W inside HF's Conv1D): what feeds it
+            for s in up - {inner}:
+                self.feeds.setdefault(s, inner)
+            return call, None
+        if self._norm_input is not None:
+            norm = StreamNorm(self.stream_norms, self._norm_input)
+            self.stream_norms += 1
+            for s in up:
+                self.next_norm.setdefault(s, norm.index)
+        if up:
+            for t in tensors(out):
+                if not self.upstream.get(t)[0]:
+                    self.upstream.set(t, up, None)
+        return call, norm
+
+    def _follow(self, name: str, args: tuple, kwargs: dict, out: Any, inner: str | None) -> ActivationCall | None:
         x = args[0] if args else kwargs.get("input")
         if isinstance(x, (list, tuple)):
             srcs: frozenset[str] = frozenset()
@@ -206,6 +260,8 @@ class Graph:
             return None
         if name in NORMS:
             self.normalized.update(s for s in srcs if s not in self.follows)
+            if name in STREAM_NORMS and isinstance(x, torch.Tensor):
+                self._norm_input = x
         if name in PASSTHROUGH or name in NORMS or name in DROPOUTS:
             if isinstance(x, torch.Tensor) and isinstance(out, torch.Tensor):
                 if name in ("add", "iadd", "radd") and len(args) > 1 and (srcs or act):
@@ -252,6 +308,7 @@ class Graph:
             return False
         self.normalized.update(s for s in sx if s not in self.follows)
         self.lineage.set(out, sx, ax)  # what a norm layer passes on: the signal, normalized
+        self._norm_input = x
         return True
 
     def _activation(self, kind, fname, args, kwargs, x, out, srcs, inner) -> ActivationCall | None:

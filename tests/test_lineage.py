@@ -16,9 +16,9 @@ def test_a_functional_nonlinearity_is_attributed_through_reshapes():
     y = torch.randn(4, 6)
     g.layer_output("fc", y)
     v = y.view(4, 2, 3)
-    assert g.on_function("view", (y, 4, 2, 3), {}, v, inner=None) is None
+    assert g.on_function("view", (y, 4, 2, 3), {}, v, inner=None) == (None, None)
     out = torch.tanh(v)
-    call = g.on_function("tanh", (v,), {}, out, inner=None)
+    call, _ = g.on_function("tanh", (v,), {}, out, inner=None)
     assert call is not None and call.kind == "tanh" and call.layer == "fc"
     assert call.record == "fc:tanh" and call.module == "fc"
     assert g.follows["fc"].kind == "tanh" and g.follows["fc"].record == "fc:tanh"
@@ -28,7 +28,7 @@ def test_leaky_slope_and_an_activation_module():
     g = _graph("fc", leaves=("act",))
     y = torch.randn(3, 5)
     g.layer_output("fc", y)
-    call = g.on_function("leaky_relu", (y, 0.2), {}, torch.nn.functional.leaky_relu(y, 0.2), inner="act")
+    call, _ = g.on_function("leaky_relu", (y, 0.2), {}, torch.nn.functional.leaky_relu(y, 0.2), inner="act")
     assert call.record == "act" and call.module == "act"
     assert g.follows["fc"].kind == "leaky_relu" and g.follows["fc"].param == 0.2
 
