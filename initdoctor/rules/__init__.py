@@ -110,6 +110,19 @@ def conclude(ctx: Context, select: list[str] | None = None, ignore: list[str] | 
     return out
 
 
+def init_call(scheme: str, gain_: float, lay, cure: Cure) -> str:
+    """The torch.nn.init call that draws what the plan prescribes."""
+    act, param = lay.activation, lay.activation_param
+    if scheme.startswith("kaiming"):
+        if act == "leaky_relu":
+            return f"{scheme}_(w, a={param:g}, nonlinearity='leaky_relu')"
+        return f"{scheme}_(w, nonlinearity='relu')"
+    if scheme == "lecun_normal":
+        return "kaiming_normal_(w, nonlinearity='linear')"
+    call = f"{scheme}_(w, gain={gain_:.3g})"
+    return call + (" with bias = -0.5 * rowsum(W)" if cure.centre_bias(lay) else "")
+
+
 def architectural(findings: list[Finding]) -> list[Finding]:
     """Fired findings that no initialization can cure (gradient growth through normalized stacks)."""
     return [f for f in findings if f.fired and f.code == "ID204" and f.evidence.get("relative_to") == "output"]
