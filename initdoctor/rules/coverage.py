@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .. import thresholds as T
 from .. import vocab
-from . import Context, Finding, Rule, architectural, register
+from . import Context, Finding, Rule, architectural, compact, register
 
 
 @register
@@ -27,9 +27,10 @@ class ActivationUnknown(Rule):
     code = "ID902"
 
     def judge(self, ctx: Context) -> list[Finding]:
-        return [self.finding("info", [layer], f"the output of {layer} goes into `{op}`, which initdoctor does not "
-                             f"know as a nonlinearity; the plan treats it as linear.", op=op)
-                for layer, op in ctx.stats.unknown_ops]
+        found = [self.finding("info", [layer], f"the output of {layer} goes into `{op}`, which initdoctor does "
+                              f"not know as a nonlinearity; the plan treats it as linear.", op=op)
+                 for layer, op in ctx.stats.unknown_ops]
+        return compact(found, lambda f: f.evidence["op"])
 
 
 @register
