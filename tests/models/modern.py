@@ -4,8 +4,8 @@ Each builder returns `(model, example_input)`; everything is small enough that o
 takes well under 3 s on two CPU cores (widths are parameters: the ID204 false alarm depends on them).
 
 - Hugging Face transformers built from configs in code (nothing downloaded): GPT-2, BERT, T5, LLaMA.
-  `check` cannot take a dict or keyword inputs yet, so each is wrapped in `Ids`, a module that takes
-  a tensor of token ids and returns the logits; `hf_inputs` gives the dict the issue wants to pass.
+  Each is wrapped in `Ids`, a module that takes
+  a tensor of token ids and returns the logits; `hf_inputs` gives the dict a user passes (`raw=True`).
 - Faithful replicas of torchvision/timm blocks (torchvision/timm wheels on this machine are CUDA builds
   that fail to import): EfficientNet's MBConv with squeeze-excitation (SiLU), RegNetY's block with a
   ReLU SE, Swin's shifted-window attention (`F.linear(x, self.qkv.weight, ...)`), timm's ViT with a
@@ -55,7 +55,7 @@ class Ids(nn.Module):
 
 
 def hf_inputs(ids: torch.Tensor, decoder: bool = False) -> dict:
-    """The dict a user would pass: `check(model, {"input_ids": ids})` (fails today)."""
+    """The dict a user passes: `check(model, {"input_ids": ids})`."""
     return {"input_ids": ids, **({"decoder_input_ids": ids} if decoder else {})}
 
 
