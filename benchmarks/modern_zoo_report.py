@@ -28,7 +28,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import initdoctor  # noqa: E402
-from initdoctor.graph import trends  # noqa: E402
+from initdoctor.depth import trends  # noqa: E402
 from tests.models import modern as Z  # noqa: E402
 
 warnings.filterwarnings("ignore")

@@ -18,11 +18,12 @@ import initdoctor
 from initdoctor.rules.regime import chance_of_dead
 from tests.models import modern as M
 
+
 def _need_transformers():
     pytest.importorskip("transformers", reason="transformers is not installed (pip install initdoctor[transformers])")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _check(name: str, **kw):
     build = {**M.LIBRARY, **M.PROBLEMS}.get(name) or getattr(M, name)
     model, x = build(**kw)
