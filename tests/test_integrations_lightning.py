@@ -190,3 +190,13 @@ def test_importing_initdoctor_imports_no_framework():
             "print(sorted(m for m in ('lightning', 'pytorch_lightning', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120)
     assert out.stdout.strip() == "[]"
+
+
+def test_example_runs_and_reports_the_saturation_once(tmp_path):
+    from .test_examples import _load
+
+    mod = _load("lightning_watch")
+    with pytest.warns(initdoctor.InitDoctorWarning, match="ID301"):
+        result = mod.main(steps=4, every=2, log_dir=str(tmp_path))
+    assert result["samples"] == [0, 2] and "ID301" in result["start"]
+    assert [t for t in events(result["run"]).Tags()["scalars"] if t.startswith("initdoctor")]

@@ -96,3 +96,13 @@ def test_gradient_accumulation_samples_every_micro_batch(tmp_path):
     assert [h["step"] for h in cb.doctor.history] == [0, 2]
     assert cb.doctor.last.stats.layer("classifier").samples == 8  # two micro-batches of 4
     assert_no_hooks(model)
+
+
+def test_example_runs_and_reports_the_saturation_once(tmp_path):
+    from .test_examples import _load
+
+    mod = _load("hf_trainer_watch")
+    with pytest.warns(initdoctor.InitDoctorWarning, match="ID301"):
+        result = mod.main(steps=2, every=1, output_dir=str(tmp_path))
+    assert result["samples"] == [0, 1] and "ID301" in result["start"]
+    assert [t for t in events(result["run"]).Tags()["scalars"] if t.startswith("initdoctor")]

@@ -59,7 +59,7 @@ class InitDoctorCallback(Callback):
         self.doctor: Watch | None = None  # the watch of the latest fit
         self.check: Diagnosis | None = None
         self._check_pending = False
-        self._run_dir: str | None = None
+        self.run_dir: str | None = None  # where the latest run writes (rank 0)
         self._paused = False
         self._open = False  # the watch is kept after the fit, for its history
 
@@ -69,11 +69,11 @@ class InitDoctorCallback(Callback):
         writer, log_dir = None, self.log_dir
         tb = next((lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)), None)
         if log_dir is None and tb is not None:
-            self._run_dir = tb.log_dir
+            self.run_dir = tb.log_dir
             writer = tb.experiment if trainer.global_rank == 0 else None
         else:
             log_dir = log_dir or os.path.join(trainer.default_root_dir, "initdoctor")
-            self._run_dir = log_dir
+            self.run_dir = log_dir
         self.doctor = Watch(model, log_dir=log_dir, writer=writer, every=self.every, start=trainer.global_step,
                             logger=log, **self.watch_kw)
         self.doctor.__enter__()
@@ -88,7 +88,7 @@ class InitDoctorCallback(Callback):
             self.doctor._disarm()
             try:
                 self.check = check_at_start(self.doctor.model, batch, self.example_input, self.loss_fn, self.doctor,
-                                            self._run_dir, trainer.global_step, log)
+                                            self.run_dir, trainer.global_step, log)
             finally:
                 if self.doctor.steps % self.every == 0:
                     self.doctor._arm()

@@ -82,24 +82,24 @@ class InitDoctorCallback(TrainerCallback):
         self.check: Diagnosis | None = None
         self._model = None
         self._loader = None
-        self._run_dir: str | None = None
+        self.run_dir: str | None = None  # where the latest run writes (rank 0)
         self._open = False
 
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
         self._model, self._loader = model, train_dataloader
         if self.log_dir is not None:
-            self._run_dir = self.log_dir
+            self.run_dir = self.log_dir
         elif _reports_to_tensorboard(args):
             # the Trainer's TensorBoard callback runs before user callbacks and has opened its run
-            self._run_dir = (getattr(args, "logging_dir", None) or os.environ.get("TENSORBOARD_LOGGING_DIR")
+            self.run_dir = (getattr(args, "logging_dir", None) or os.environ.get("TENSORBOARD_LOGGING_DIR")
                              or _newest_run(os.path.join(args.output_dir, "runs")))
-        if self._run_dir is None:
-            self._run_dir = os.path.join(args.output_dir, "initdoctor")
+        if self.run_dir is None:
+            self.run_dir = os.path.join(args.output_dir, "initdoctor")
 
     def on_step_begin(self, args, state, control, **kwargs):
         if not self._open and self._model is not None:
             # opened here, not in on_train_begin: a resumed run's global step is known by now
-            self.doctor = Watch(self._model, log_dir=self._run_dir, every=self.every, start=state.global_step,
+            self.doctor = Watch(self._model, log_dir=self.run_dir, every=self.every, start=state.global_step,
                                 logger=log, **self.watch_kw)
             self.doctor.__enter__()  # arms the first step when it is on the grid
             self._open = True
@@ -115,7 +115,7 @@ class InitDoctorCallback(TrainerCallback):
         self.doctor._disarm()  # the check's passes are no part of the step
         try:
             self.check = check_at_start(self.doctor.model, batch, self.example_input, self.loss_fn, self.doctor,
-                                        self._run_dir, state.global_step, log)
+                                        self.run_dir, state.global_step, log)
         finally:
             if self.doctor.steps % self.every == 0:
                 self.doctor._arm()
