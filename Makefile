@@ -40,6 +40,7 @@ test: setup
 bench: setup
 	$(BIN)/python benchmarks/check_cost.py
 	$(BIN)/python benchmarks/watch_overhead.py
+	$(BIN)/python benchmarks/compile_watch.py
 
 clean:
 	rm -rf $(VENV) site .pytest_cache
