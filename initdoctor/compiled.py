@@ -15,6 +15,7 @@ eager modules share. The replay leaves RNG, buffers and modes as they were and a
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -129,7 +130,11 @@ class CompiledRecorder:
 
     def _replay_one(self, call: _Call) -> None:
         devices = sorted({p.device.index or 0 for p in self._params if p.device.type == "cuda"})
-        with preserved(self.module, devices), torch.enable_grad():
+        # a compiled DDP model: its replay must not arm DDP's gradient reduction for a backward that
+        # goes through autograd.grad and never reaches .grad
+        no_sync = getattr(self.module, "no_sync", None)
+        quiet = no_sync() if callable(no_sync) else contextlib.nullcontext()
+        with preserved(self.module, devices), torch.enable_grad(), quiet:
             torch.set_rng_state(call.rng)
             out = self.module(*call.args, **call.kwargs)
             pairs = [(o, g) for o, g in zip([t for t in _tensors(out) if t.requires_grad], call.grads)

@@ -111,3 +111,40 @@ def test_sick_compiled_model_is_diagnosed():
         with initdoctor.watch(torch.compile(model), every=1) as doctor:
             train(doctor.compiled, batches(1), doctor)
     assert "ID301" in {f.code for f in doctor.last.fired()}
+
+
+@pytest.mark.parametrize("close_first", [True, False], ids=["step-then-optimizer", "optimizer-then-step"])
+def test_replay_sees_the_weights_of_the_forward_whichever_closes_first(close_first):
+    x, y = batches(1)[0]
+
+    def one_step(model, doctor):
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        nn.functional.cross_entropy(model(x), y).backward()
+        if close_first:
+            diag = doctor.step()
+            opt.step()
+        else:
+            opt.step()
+            diag = doctor.step()
+        return diag
+
+    eager = net(dropout=0.0)
+    with initdoctor.watch(eager, every=1, warn=False) as ref:
+        want = one_step(eager, ref)
+    with initdoctor.watch(torch.compile(net(dropout=0.0)), every=1, warn=False) as doctor:
+        got = one_step(doctor.compiled, doctor)
+    # lr=0.5 moves the weights far: a replay after the update would change q at once
+    for name in ("0", "2", "5"):
+        assert got.stats.layer(name).q == pytest.approx(want.stats.layer(name).q, rel=1e-5)
+    assert not any("changed" in n for n in got.notes)
+
+
+def test_weights_changed_by_hand_before_the_replay_are_noted():
+    x, y = batches(1)[0]
+    with initdoctor.watch(torch.compile(net(dropout=0.0)), every=1, warn=False) as doctor:
+        nn.functional.cross_entropy(doctor.compiled(x), y).backward()
+        with torch.no_grad():
+            for p in doctor.model.parameters():
+                p.sub_(0.1 * p.grad)  # no torch.optim: nothing tells the watch before the change
+        diag = doctor.step()
+    assert any("weights changed" in n for n in diag.notes)

@@ -43,6 +43,9 @@ class Net(pl.LightningModule):
         self.log("train_loss", loss)
         return loss
 
+    def validation_step(self, batch, i):
+        self(batch[0])
+
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=self.lr, momentum=0.9)
 
@@ -68,10 +71,10 @@ class TwoOptimizers(Net):
         return torch.optim.SGD(body, lr=0.1), torch.optim.SGD(head, lr=0.1)
 
 
-def loader(n: int = 64, batch: int = 8):
+def loader(n: int = 64, batch: int = 8, shuffle: bool = True):
     g = torch.Generator().manual_seed(0)
     ds = torch.utils.data.TensorDataset(torch.randn(n, 8, generator=g), torch.randint(0, 3, (n,), generator=g))
-    return torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=True)  # shuffling draws from the RNG
+    return torch.utils.data.DataLoader(ds, batch_size=batch, shuffle=shuffle)  # shuffling draws from the RNG
 
 
 def fit(root, callbacks=(), model=None, steps: int = 5, ckpt_path=None, **kw):
@@ -82,7 +85,8 @@ def fit(root, callbacks=(), model=None, steps: int = 5, ckpt_path=None, **kw):
                 log_every_n_steps=1, limit_val_batches=0)
     opts.update(kw)
     trainer = pl.Trainer(**opts)
-    trainer.fit(model, loader(), ckpt_path=ckpt_path)
+    val = loader(16, shuffle=False) if opts["limit_val_batches"] else None
+    trainer.fit(model, loader(), val, ckpt_path=ckpt_path)
     return trainer, model
 
 
@@ -152,6 +156,14 @@ def test_gradient_accumulation_samples_every_micro_batch(tmp_path):
     assert [h["step"] for h in cb.doctor.history] == [0, 2]
     lay = cb.doctor.last.stats.layer("net.0")
     assert lay.samples == 16 and lay.grad_q > 0  # two micro-batches of 8 in one optimizer step
+
+
+def test_validation_inside_the_fit_is_no_part_of_a_sample(tmp_path):
+    cb = InitDoctorCallback(every=2, check_at_start=False)
+    fit(tmp_path, [cb], steps=3, limit_val_batches=2, val_check_interval=2, num_sanity_val_steps=0)
+    assert [h["step"] for h in cb.doctor.history] == [0, 2]
+    # two validation batches ran after step 1, while the sample of step 2 was open: not counted
+    assert cb.doctor.last.stats.layer("net.0").samples == 8
 
 
 def test_several_optimizers_each_step_counts(tmp_path):
