@@ -21,6 +21,8 @@ from initdoctor.integrations.lightning import InitDoctorCallback  # noqa: E402
 from .conftest import assert_no_hooks  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
+# Net has a validation_step for the one test that validates; the others have no val loader
+pytestmark = pytest.mark.filterwarnings("ignore:You defined a `validation_step` but have no `val_dataloader`")
 
 
 class Net(pl.LightningModule):
@@ -164,6 +166,22 @@ def test_validation_inside_the_fit_is_no_part_of_a_sample(tmp_path):
     assert [h["step"] for h in cb.doctor.history] == [0, 2]
     # two validation batches ran after step 1, while the sample of step 2 was open: not counted
     assert cb.doctor.last.stats.layer("net.0").samples == 8
+
+
+class Raises(Net):
+    def training_step(self, batch, i):
+        if self.global_step == 2:
+            raise RuntimeError("boom")
+        return super().training_step(batch, i)
+
+
+def test_a_fit_that_raises_inside_a_sample_leaves_no_hook(tmp_path):
+    cb = InitDoctorCallback(every=2, check_at_start=False)
+    model = Raises()
+    with pytest.raises(RuntimeError, match="boom"):
+        fit(tmp_path, [cb], model=model, steps=4)
+    assert [h["step"] for h in cb.doctor.history] == [0]
+    assert_no_hooks(model)
 
 
 def test_several_optimizers_each_step_counts(tmp_path):

@@ -106,3 +106,17 @@ def test_example_runs_and_reports_the_saturation_once(tmp_path):
         result = mod.main(steps=2, every=1, output_dir=str(tmp_path))
     assert result["samples"] == [0, 1] and "ID301" in result["start"]
     assert [t for t in events(result["run"]).Tags()["scalars"] if t.startswith("initdoctor")]
+
+
+def test_resumed_run_samples_on_the_same_grid(tmp_path):
+    first = InitDoctorCallback(every=2, check_at_start=False, histograms=False)
+    run(tmp_path, [first], steps=3, save_strategy="steps", save_steps=3)
+    assert [h["step"] for h in first.doctor.history] == [0, 2]
+    again = InitDoctorCallback(every=2, check_at_start=False, histograms=False)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=6, per_device_train_batch_size=4, save_strategy="no",
+        report_to=[], use_cpu=True, disable_tqdm=True, seed=0, dataloader_num_workers=0, learning_rate=1e-2)
+    trainer = transformers.Trainer(model=tiny_bert(), args=args, train_dataset=Data(), callbacks=[again])
+    trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
+    assert [h["step"] for h in again.doctor.history] == [4]
+    assert again.run_dir == str(tmp_path / "initdoctor")  # no TensorBoard reporting: its own directory
