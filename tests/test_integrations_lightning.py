@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
@@ -123,13 +124,37 @@ def test_fit_writes_beside_the_loss_and_trains_bit_identically(tmp_path):
     assert cb.check is not None and cb.check.stats.layer("net.0").samples == 8
 
 
-def test_sick_model_is_warned_once(tmp_path):
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        fit(tmp_path, [InitDoctorCallback(every=1)], model=Net(std=4.0, lr=0.0), steps=3)
+class Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+def test_sick_model_is_warned_once_through_lightning_logging(tmp_path):
+    handler = Records()
+    lightning_log = logging.getLogger("lightning.pytorch")  # the tree Lightning configures and shows
+    lightning_log.addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fit(tmp_path, [InitDoctorCallback(every=1)], model=Net(std=4.0, lr=0.0), steps=3)
+    finally:
+        lightning_log.removeHandler(handler)
     sat = [str(w.message) for w in caught
            if issubclass(w.category, initdoctor.InitDoctorWarning) and "ID301" in str(w.message)]
     assert len(sat) == 1, sat  # the check at the start finds it; the three samples do not repeat it
+    logged = [r for r in handler.records if r.levelno == logging.WARNING and "ID301" in r.getMessage()]
+    assert len(logged) == 1
+    assert any("initdoctor check on the first batch" in r.getMessage() for r in handler.records)
+
+
+def test_a_submodule_is_watched_by_name(tmp_path):
+    cb = InitDoctorCallback(every=2, module="net", check_at_start=False)
+    fit(tmp_path, [cb], steps=1)
+    assert [lay.name for lay in cb.doctor.last.stats.ran()] == ["0", "2", "5"]
 
 
 def test_without_a_tensorboard_logger_it_writes_its_own_directory(tmp_path):
