@@ -1,4 +1,9 @@
-"""watch() on a torch.compile'd model: sampled steps replayed eagerly, unsampled steps left compiled."""
+"""watch() on a torch.compile'd model: sampled steps replayed eagerly, unsampled steps left compiled.
+
+The tests compile with the `aot_eager` backend: dynamo's tracing, guards and the OptimizedModule
+wrapper are those of the default backend, which is all the watch meets, without inductor's C++ build
+(about 30 s on a cold cache here). benchmarks/compile_watch.py runs the default backend (inductor).
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,10 @@ import initdoctor
 from .conftest import assert_no_hooks
 
 torch._dynamo.config.cache_size_limit = 64
+
+
+def compile_(model: nn.Module) -> nn.Module:
+    return torch.compile(model, backend="aot_eager")
 
 
 def net(std: float | None = None, dropout: float = 0.2) -> nn.Module:
@@ -51,9 +60,9 @@ def runs():
 
     data = batches(6)
     bare_model = net()
-    bare = train(torch.compile(bare_model), data)
+    bare = train(compile_(bare_model), data)
     model = net()
-    compiled = torch.compile(model)
+    compiled = compile_(model)
     counters.clear()
     with initdoctor.watch(compiled, every=2, warn=False) as doctor:
         watched = train(compiled, data, doctor)
@@ -77,7 +86,7 @@ def test_compiled_samples_match_the_eager_watch(runs):
     eager_model = net(dropout=0.0)
     with initdoctor.watch(eager_model, every=2, warn=False) as eager:
         train(eager_model, data, eager)
-    with initdoctor.watch(torch.compile(net(dropout=0.0)), every=2, warn=False) as doctor:
+    with initdoctor.watch(compile_(net(dropout=0.0)), every=2, warn=False) as doctor:
         train(doctor.compiled, data, doctor)
     # step 0 precedes any update: the same weights, batch and loss as the eager watch saw (no dropout
     # here: the replay draws its own masks)
@@ -94,7 +103,7 @@ def test_compiled_samples_match_the_eager_watch(runs):
 
 def test_gradient_accumulation_replays_every_micro_batch():
     data = batches(4)
-    with initdoctor.watch(torch.compile(net(dropout=0.0)), every=100, warn=False) as doctor:
+    with initdoctor.watch(compile_(net(dropout=0.0)), every=100, warn=False) as doctor:
         train(doctor.compiled, data, doctor, accumulate=2)
     eager = net(dropout=0.0)
     with initdoctor.watch(eager, every=100, warn=False) as ref:
@@ -108,7 +117,7 @@ def test_gradient_accumulation_replays_every_micro_batch():
 def test_sick_compiled_model_is_diagnosed():
     model = net(std=3.0)
     with pytest.warns(initdoctor.InitDoctorWarning, match="ID301"):
-        with initdoctor.watch(torch.compile(model), every=1) as doctor:
+        with initdoctor.watch(compile_(model), every=1) as doctor:
             train(doctor.compiled, batches(1), doctor)
     assert "ID301" in {f.code for f in doctor.last.fired()}
 
@@ -131,7 +140,7 @@ def test_replay_sees_the_weights_of_the_forward_whichever_closes_first(close_fir
     eager = net(dropout=0.0)
     with initdoctor.watch(eager, every=1, warn=False) as ref:
         want = one_step(eager, ref)
-    with initdoctor.watch(torch.compile(net(dropout=0.0)), every=1, warn=False) as doctor:
+    with initdoctor.watch(compile_(net(dropout=0.0)), every=1, warn=False) as doctor:
         got = one_step(doctor.compiled, doctor)
     # lr=0.5 moves the weights far: a replay after the update would change q at once
     for name in ("0", "2", "5"):
@@ -141,7 +150,7 @@ def test_replay_sees_the_weights_of_the_forward_whichever_closes_first(close_fir
 
 def test_weights_changed_by_hand_before_the_replay_are_noted():
     x, y = batches(1)[0]
-    with initdoctor.watch(torch.compile(net(dropout=0.0)), every=1, warn=False) as doctor:
+    with initdoctor.watch(compile_(net(dropout=0.0)), every=1, warn=False) as doctor:
         nn.functional.cross_entropy(doctor.compiled(x), y).backward()
         with torch.no_grad():
             for p in doctor.model.parameters():
