@@ -20,15 +20,20 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.loggers import TensorBoardLogger
+try:
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import Callback
+    from lightning.pytorch.loggers import TensorBoardLogger
+except ImportError:  # the standalone package: its Trainer accepts only its own Callback class
+    import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import Callback
+    from pytorch_lightning.loggers import TensorBoardLogger
 
 from ..diagnosis import Diagnosis
 from ..watcher import Watch
 from ._common import check_at_start
 
-log = logging.getLogger("lightning.pytorch.callbacks.initdoctor")  # Lightning's own logging tree
+log = logging.getLogger(f"{pl.__name__}.callbacks.initdoctor")  # Lightning's own logging tree
 
 
 class InitDoctorCallback(Callback):
