@@ -124,7 +124,11 @@ class CompiledRecorder:
                             "outside torch.optim); the replay used the updated weights")
                     if note not in self.notes:
                         self.notes.append(note)
-                self._replay_one(call)
+                try:
+                    self._replay_one(call)
+                except Exception as e:  # an observer must not stop training: say so, keep what the parameters tell
+                    self.notes.append(f"torch.compile: the eager replay raised {type(e).__name__}: {e}; activations "
+                                      "and layer-output gradients of this sample are missing")
         finally:
             self._rec.close()  # hooks off the module before anything else runs it
 

@@ -157,3 +157,31 @@ def test_weights_changed_by_hand_before_the_replay_are_noted():
                 p.sub_(0.1 * p.grad)  # no torch.optim: nothing tells the watch before the change
         diag = doctor.step()
     assert any("weights changed" in n for n in diag.notes)
+
+
+class OnlyCompiled(nn.Module):
+    """A forward that fails eagerly on its second call: the replay fails, training must not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(16, 4)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls > 1 and not torch.compiler.is_compiling():
+            raise RuntimeError("eager call refused")
+        return self.lin(x)
+
+
+def test_a_replay_that_raises_is_noted_and_training_goes_on():
+    x, y = batches(1)[0]
+    model = OnlyCompiled()
+    with initdoctor.watch(compile_(model), every=1, warn=False) as doctor:
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        nn.functional.cross_entropy(doctor.compiled(x), y).backward()
+        opt.step()  # the replay runs (and fails) here, before the update
+        diag = doctor.step()
+    assert any("replay raised RuntimeError" in n for n in diag.notes)
+    assert diag.stats.layer("lin").weight_grad_rms > 0  # read from the parameters all the same
+    assert_no_hooks(doctor.compiled)
