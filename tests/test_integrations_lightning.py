@@ -177,6 +177,21 @@ def test_resumed_fit_samples_on_the_same_grid(tmp_path):
     assert [h["step"] for h in again.doctor.history] == [4, 6]
 
 
+@pytest.mark.filterwarnings("ignore:You.re resuming from a checkpoint")
+def test_a_resumed_fit_does_not_repeat_a_finding_already_reported(tmp_path):
+    def saturated(caught):
+        return [w for w in caught if issubclass(w.category, initdoctor.InitDoctorWarning) and "ID301" in str(w.message)]
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer, _ = fit(tmp_path, [InitDoctorCallback(every=1)], model=Net(std=4.0, lr=0.0), steps=2)
+        trainer.save_checkpoint(tmp_path / "two.ckpt")
+        assert len(saturated(caught)) == 1
+        fit(tmp_path, [InitDoctorCallback(every=1)], model=Net(std=4.0, lr=0.0), steps=4,
+            ckpt_path=str(tmp_path / "two.ckpt"))
+    assert len(saturated(caught)) == 1
+
+
 def test_gradient_accumulation_samples_every_micro_batch(tmp_path):
     cb = InitDoctorCallback(every=2, check_at_start=False)
     trainer, _ = fit(tmp_path, [cb], steps=3, accumulate_grad_batches=2)

@@ -67,6 +67,7 @@ class InitDoctorCallback(Callback):
         self.run_dir: str | None = None  # where the latest run writes (rank 0)
         self._paused = False
         self._open = False  # the watch is kept after the fit, for its history
+        self._warned: dict[str, int] = {}  # from a checkpoint: findings already reported, not to repeat
 
     # -- fit --
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -81,6 +82,7 @@ class InitDoctorCallback(Callback):
             self.run_dir = log_dir
         self.doctor = Watch(model, log_dir=log_dir, writer=writer, every=self.every, start=trainer.global_step,
                             logger=log, **self.watch_kw)
+        self.doctor._warned.update(self._warned)
         self.doctor.__enter__()
         self._open = True
         self._check_pending = self.check_at_start
@@ -112,6 +114,13 @@ class InitDoctorCallback(Callback):
         if self._paused and self._open:
             self._paused = False
             self.doctor._arm()
+
+    # -- checkpoints: a resumed fit does not warn again about what was already reported --
+    def state_dict(self) -> dict[str, Any]:
+        return {"warned": dict(self.doctor._warned if self.doctor is not None else self._warned)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._warned = dict(state_dict.get("warned", {}))
 
     # -- the end, however it comes --
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
