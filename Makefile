@@ -20,7 +20,13 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch first, pinned, so that nothing later pulls a multi-GB CUDA build
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	# the extras under a constraint that pins the torch just installed (no CUDA build, no upgrade),
+	# then a check that it is still the same torch
+	$(BIN)/python -c 'import torch; print("torch==" + torch.__version__)' > $(VENV)/torch-constraint.txt
+	$(BIN)/python -m pip install -q -c $(VENV)/torch-constraint.txt -e ".[dev,lightning,transformers]"
+	$(BIN)/python -c 'import sys, torch; want = open(sys.argv[1]).read().strip(); \
+		sys.exit(0 if want == "torch==" + torch.__version__ else f"torch changed: {torch.__version__}, want {want}")' \
+		$(VENV)/torch-constraint.txt
 	touch $(STAMP)
 
 demo: setup
@@ -34,6 +40,7 @@ test: setup
 bench: setup
 	$(BIN)/python benchmarks/check_cost.py
 	$(BIN)/python benchmarks/watch_overhead.py
+	$(BIN)/python benchmarks/compile_watch.py
 
 clean:
 	rm -rf $(VENV) site .pytest_cache

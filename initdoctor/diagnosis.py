@@ -36,6 +36,7 @@ class Diagnosis:
     after: Diagnosis | None = None
     fix_log: list[str] = field(default_factory=list)  # what `fix` did beyond the plan (gain adjustments, undo)
     trends: list[Trend] = field(default_factory=list, repr=False)
+    sources: list[str] = field(default_factory=list)  # where statistics came from, when not the usual pass
 
     @property
     def layers(self) -> list[LayerStats]:
@@ -59,6 +60,8 @@ class Diagnosis:
             "activations": [a.to_dict() for a in self.stats.activations],
             "plan": [p.to_dict() for p in self.plan],
         }
+        if self.sources:
+            d["sources"] = list(self.sources)
         if self.after is not None:
             d["after"] = {"findings": [f.to_dict() for f in self.after.findings],
                           "layers": [lay.to_dict() for lay in self.after.stats.layers],

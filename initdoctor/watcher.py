@@ -21,6 +21,7 @@ from torch import nn
 
 from . import distributed
 from .codes import SEVERITY_RANK
+from .compiled import CompiledRecorder, compiled_parts
 from .diagnosis import Diagnosis, judge
 from .probe import Recorder
 from .rules import Finding
@@ -41,18 +42,16 @@ class Watch:
 
     def __init__(self, model: nn.Module, log_dir: str | None = None, writer: Any = None, every: int = 100, *,
                  select: list[str] | None = None, ignore: list[str] | None = None, histograms: bool | None = None,
-                 images_every: int | None = None, warn: bool = True, group: Any = None) -> None:
+                 images_every: int | None = None, warn: bool = True, group: Any = None, start: int = 0,
+                 logger: logging.Logger | None = None) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"watch() needs an nn.Module, got {type(model).__name__}")
-        if isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            raise TypeError("watch() cannot observe inside a torch.compile'd model (its hooks and functional "
-                            "calls are traced away); watch the eager model, or compile after a short watched "
-                            "warm-up")
         if not isinstance(every, int) or every < 1:
             raise ValueError(f"every={every!r}: give a positive number of steps between samples")
         if log_dir is not None and writer is not None:
             raise ValueError("give log_dir or writer, not both")
-        self.model = model
+        # a torch.compile'd model: hooks stay off its graph; sampled steps are replayed eagerly (compiled.py)
+        self.model, self.compiled = compiled_parts(model)
         self.every = every
         self.select, self.ignore = select, ignore
         # Drawing a figure costs a few hundred steps of a small model: by default only at the first
@@ -60,6 +59,7 @@ class Watch:
         self.images_every = None if images_every is None else max(int(images_every), 1)
         self._images_at: int | None = None  # the step whose images were written last
         self.warn = warn
+        self.log = logger or log  # a framework's own logger when a callback drives the watch
         self.group = group
         self._log_dir = log_dir
         self.writer = writer
@@ -67,7 +67,7 @@ class Watch:
         n_params = sum(p.numel() for p in model.parameters())
         # Histograms cost a pass over every weight: on by default for small models only.
         self.histograms = n_params <= 5_000_000 if histograms is None else histograms
-        self.steps = 0  # completed steps
+        self.steps = int(start)  # completed steps (a resumed run starts at its global step)
         self.sampled = 0  # completed sampled steps
         self.history: list[dict] = []
         self.last: Diagnosis | None = None
@@ -82,7 +82,8 @@ class Watch:
 
             self.writer = open_writer(self._log_dir)
             self._own_writer = True
-        self._arm()
+        if self.steps % self.every == 0:
+            self._arm()
         return self
 
     def __exit__(self, *exc) -> None:
@@ -117,7 +118,9 @@ class Watch:
 
     def _arm(self) -> None:
         if self._rec is None:
-            rec = Recorder(self.model, keep_values=4096 if self.histograms else 0)
+            keep = 4096 if self.histograms else 0
+            rec = (Recorder(self.model, keep_values=keep) if self.compiled is None
+                   else CompiledRecorder(self.compiled, self.model, keep_values=keep))
             rec.__enter__()
             self._rec = rec
 
@@ -137,9 +140,12 @@ class Watch:
             if p.grad is not None:
                 params[id(p)] = p.grad
         reduce = distributed.reducer(self.group) if distributed.active(self.group) else None
+        if self.compiled is not None:
+            rec.replay()  # the eager replay of a compiled step, before its gradients are counted
         stats = rec.finish(params or None, backward=bool(rec.acc.grad), reduce=reduce, symmetry=self.sampled == 0)
         findings, found = judge(stats, self.select, self.ignore)
-        diag = Diagnosis(stats, findings, [], target=type(self.model).__name__, trends=found)
+        diag = Diagnosis(stats, findings, [], target=type(self.model).__name__, trends=found,
+                         sources=list(getattr(rec, "sources", [])))
         self.last = diag
         self.history.append(_record(self.steps, stats))
         if self._is_writer_rank():
@@ -160,7 +166,7 @@ class Watch:
             self._warned[f.code] = rank
             text = (f"initdoctor step {self.steps}: {f.code} {f.name} ({f.severity}"
                     f"{', worse than before' if worse else ''}): {f.message}")
-            log.warning(text)
+            self.log.warning(text)
             if self.warn:
                 warnings.warn(text, InitDoctorWarning, stacklevel=4)
 
@@ -204,6 +210,9 @@ def watch(model: nn.Module, log_dir: str | None = None, writer: Any = None, ever
             samples; by default they are written at the first sample and when the watch closes.
         warn: issue a Python warning (besides logging) when a finding appears or gets worse.
         group: the torch.distributed process group to reduce over (default: the world).
+        start: the steps already taken: a resumed run samples at the multiples of `every`, as if it
+            had never stopped.
+        logger: log findings here instead of the `"initdoctor"` logger.
 
     Example:
         >>> with initdoctor.watch(model, log_dir="runs/exp1", every=100) as doctor:

@@ -23,7 +23,8 @@ def _load(name: str):
 
 
 def test_every_example_is_tested():
-    tested = {"xavier_classic", "watch_training", "train_digits"}
+    # lightning_watch and hf_trainer_watch: tests/test_integrations_*.py (they need the extras)
+    tested = {"xavier_classic", "watch_training", "train_digits", "lightning_watch", "hf_trainer_watch"}
     assert {p.stem for p in EXAMPLES.glob("*.py")} == tested
 
 

@@ -165,9 +165,7 @@ def test_compiled_model_is_examined_through_the_module_it_wraps():
     model = DC()
     compiled = torch.compile(model)
     d = initdoctor.check(compiled, torch.randn(16, 8))
-    assert [lay.name for lay in d.layers] == ["a", "b"]
-    with pytest.raises(TypeError, match="torch.compile"):
-        initdoctor.watch(compiled)
+    assert [lay.name for lay in d.layers] == ["a", "b"]  # watch() on it: tests/test_compile.py
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")

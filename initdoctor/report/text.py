@@ -160,6 +160,10 @@ def render(diag, color: bool = False) -> str:
     lines += layer_table(diag, color)
     lines.append("")
     lines += findings_block(diag.findings, color)
+    if diag.sources:
+        lines += ["", _paint("Where the statistics come from", "bold", color)]
+        for src in diag.sources:
+            lines += textwrap.wrap(src, WIDTH - 2, initial_indent="- ", subsequent_indent="  ")
     lines.append("")
     lines += plan_block(diag.plan, color)
     if diag.after is not None:

@@ -50,7 +50,6 @@ class InitScaleMismatch(Rule):
             "warning", list(big),
             f"{len(big)} layer(s) are drawn at {T.SCALE_WARN:g}x or more of the variance-preserving scale; worst "
             f"{worst[0]}: std {worst[1]['std']:.3g} vs {worst[1]['expected']:.3g} for {worst[1]['scheme']}, so it "
-            f"multiplies the variance it receives by about {factor:.3g} in one step. Norms after such layers "
-            f"hide it from the depth trends, but the signal they add (a residual branch) swamps the rest and "
-            f"their own gradients shrink by the same factor. Re-draw them (see the plan).",
+            f"multiplies the variance it receives by about {factor:.3g} in one step (a norm after it hides this "
+            f"from the depth trends, not from what it adds to a residual stream). Re-draw them (see the plan).",
             scales=big)
