@@ -155,9 +155,29 @@ def test_tab_shows_the_sick_runs_findings_layers_and_charts(tab):
     # check --fix: before and after curves in one chart
     before = frame.locator('.run[data-run="check/before"]')
     assert before.locator("svg.depth-profile path.curve").count() == 4
+    # the run picker: hiding the check runs puts the sick and the cured run side by side
+    for run in ("check/before", "check/after"):
+        frame.locator(f'input[data-run="{run}"]').uncheck()
+        assert frame.locator(f'.run[data-run="{run}"]').is_hidden()
+    box_sick, box_cured = sick.bounding_box(), cured.bounding_box()
+    assert abs(box_sick["y"] - box_cured["y"]) < 1 and box_cured["x"] < box_sick["x"]
     _screenshot(page, "tensorboard-tab.png")
-    _screenshot(sick, "tensorboard-tab-sick.png")
-    _screenshot(before, "tensorboard-tab-check.png")
+
+
+def test_a_narrow_window_stacks_the_runs(server, browser):
+    # the plugin's own page (what TensorBoard puts in its iframe), at the width of a laptop split screen
+    page = browser.new_page(viewport={"width": 820, "height": 900})
+    try:
+        page.goto(f"{server}/data/plugin_entry.html?name=initdoctor")
+        page.locator("body[data-ready=true]").wait_for(timeout=60_000)
+        boxes = [page.locator(f'.run[data-run="{r}"]').bounding_box() for r in ("cured", "sick")]
+        assert boxes[1]["y"] > boxes[0]["y"] + boxes[0]["height"] - 1  # one under the other
+        profile = page.locator('.run[data-run="sick"] svg.depth-profile').bounding_box()
+        assert 600 < profile["width"] <= 820
+        _screenshot(page.locator('.run[data-run="sick"]'), "tensorboard-tab-sick.png")
+        _screenshot(page.locator('.run[data-run="check/before"]'), "tensorboard-tab-check.png")
+    finally:
+        page.close()
 
 
 def test_step_selector_changes_what_is_shown(tab):
