@@ -34,6 +34,7 @@ test: setup
 bench: setup
 	$(BIN)/python benchmarks/check_cost.py
 	$(BIN)/python benchmarks/watch_overhead.py
+	$(BIN)/python benchmarks/tensorboard_cost.py
 
 clean:
 	rm -rf $(VENV) site .pytest_cache

@@ -180,6 +180,24 @@ def test_a_narrow_window_stacks_the_runs(server, browser):
         page.close()
 
 
+def test_time_series_groups_cards_by_metric(server, browser):
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    try:
+        page.goto(f"{server}/?darkMode=false#timeseries")
+        page.get_by_text("initdoctor.log10_gradient").first.wait_for(timeout=60_000)
+        text = page.locator("body").inner_text()
+        for group in ("initdoctor.log10_signal", "initdoctor.log10_gradient", "initdoctor.summary",
+                      "initdoctor.weight_gradients", "train"):
+            assert group in text, group
+        # one regex picks a metric: the gradient of every layer of every run, with the summary
+        page.goto(f"{server}/?darkMode=false&tagFilter=%5Einitdoctor%5C.(log10_gradient%7Csummary)#timeseries")
+        page.get_by_text("initdoctor.log10_gradient/000.0").first.wait_for(timeout=60_000)
+        page.wait_for_timeout(1000)  # let the charts draw their lines
+        _screenshot(page, "tensorboard-time-series.png")
+    finally:
+        page.close()
+
+
 def test_step_selector_changes_what_is_shown(tab):
     _, frame = tab
     sick = frame.locator('.run[data-run="sick"]')
