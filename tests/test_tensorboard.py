@@ -121,10 +121,10 @@ def test_summary_scalars_compare_runs(watched):
     assert acc.Scalars("initdoctor.summary/errors")[0].value >= 1
 
 
-def test_histograms_of_weights_activations_and_gradients(watched):
+def test_histograms_of_weights_outputs_and_gradients(watched):
     acc, _ = watched
     hist = acc.Tags()["histograms"]
-    for kind in ("weights", "activations", "weight_gradients"):
+    for kind in ("weights", "outputs", "weight_gradients"):
         assert f"initdoctor.{kind}/000.0" in hist, hist
     assert "initdoctor.depth_profile" in acc.Tags()["images"]
     assert "initdoctor.history" in acc.Tags()["images"]
@@ -256,7 +256,10 @@ def test_plugin_routes_serve_runs_diagnoses_and_rule_pages(watched, tmp_path):
     ctx = base_plugin.TBContext(logdir=str(tmp_path), multiplexer=mux,
                                 data_provider=data_provider.MultiplexerDataProvider(mux, str(tmp_path)))
     plugin = InitDoctorPlugin(ctx)
+    assert plugin.is_active()
     assert plugin.frontend_metadata().es_module_path == "/index.js"
+    empty = plugin_event_multiplexer.EventMultiplexer()
+    assert not InitDoctorPlugin(base_plugin.TBContext(multiplexer=empty)).is_active()
     apps = plugin.get_plugin_apps()
 
     def get(route: str, query: str = ""):

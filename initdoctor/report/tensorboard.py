@@ -35,6 +35,9 @@ SUMMARY_TITLES = {
     "warnings": "findings of severity warning",
 }
 FINDINGS_TAG = "initdoctor.findings"
+# stats.samples kind -> histogram group. The probe samples each weight layer's output (before the
+# nonlinearity); "outputs" says so, and sorts after the log10 scalars in Time Series.
+HISTOGRAM_GROUPS = {"weights": "weights", "activations": "outputs"}
 LAYOUT_CATEGORY = "initdoctor"
 
 
@@ -221,15 +224,15 @@ def write_figures(writer: Any, diag, step: int, *, after=None, history: list | N
                   histograms: bool = True, images: bool = True, grads: dict | None = None,
                   label: str | None = None) -> None:
     """The depth profile, the history heatmap (from two samples on) and the histograms of weights,
-    activations and (given `grads`, layer name -> weight gradient) weight gradients."""
+    layer outputs and (given `grads`, layer name -> weight gradient) weight gradients."""
     layers = diag.stats.ran()
     width = _width(layers)
     keys = {lay.name: layer_key(lay, width) for lay in layers}
     if histograms:
         for (kind, name), values in diag.stats.samples.items():
             v = values[values.isfinite()]
-            if v.numel() and name in keys:
-                writer.add_histogram(f"initdoctor.{kind}/{keys[name]}", v, step)
+            if v.numel() and name in keys and kind in HISTOGRAM_GROUPS:
+                writer.add_histogram(f"initdoctor.{HISTOGRAM_GROUPS[kind]}/{keys[name]}", v, step)
         for name, g in (grads or {}).items():
             if g is None or name not in keys:
                 continue

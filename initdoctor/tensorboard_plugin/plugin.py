@@ -48,6 +48,7 @@ class InitDoctorPlugin(base_plugin.TBPlugin):
 
     def __init__(self, context: base_plugin.TBContext) -> None:
         self._data = context.data_provider
+        self._multiplexer = context.multiplexer
 
     def get_plugin_apps(self) -> dict:
         return {
@@ -60,9 +61,11 @@ class InitDoctorPlugin(base_plugin.TBPlugin):
         }
 
     def is_active(self) -> bool:
-        # TensorBoard lists the tab when any run holds data of `data_plugin_names()` (this plugin's
-        # own name); there is nothing more to look at here.
-        return False
+        # TensorBoard first lists the tab when any run holds data of `data_plugin_names()` (this
+        # plugin's name); this answers the same question where only an event multiplexer is at hand.
+        if self._multiplexer is None:
+            return False
+        return bool(self._multiplexer.PluginRunToTagToContent(PLUGIN_NAME))
 
     def frontend_metadata(self) -> base_plugin.FrontendMetadata:
         return base_plugin.FrontendMetadata(es_module_path="/index.js", tab_name="initdoctor",
