@@ -284,3 +284,26 @@ def test_plugin_routes_serve_runs_diagnoses_and_rule_pages(watched, tmp_path):
     assert get("/explain", "code=ID999")[0] == 404
     status, body = get("/index.js")
     assert status == 200 and b"export async function render" in body
+
+
+def test_figures_are_titled_with_step_and_role(monkeypatch):
+    from initdoctor.report import plots
+
+    titles, images = [], []
+    real = plots.depth_profile
+    monkeypatch.setattr(plots, "depth_profile", lambda *a, **kw: titles.append(kw["title"]) or real(*a, **kw))
+
+    class Recorder:
+        def add_image(self, tag, img, step, dataformats):
+            images.append((tag, img.shape, step))
+
+        def add_histogram(self, *a, **kw):
+            pass
+
+    diag = initdoctor.fix(tanh_mlp(std=0.02), torch.randn(32, 16)).before
+    tb.RunWriter(Recorder(), source="check", role="before").figures(diag, 0, after=diag.after)
+    tb.RunWriter(Recorder(), source="watch").figures(diag, 40)
+    assert titles[0].endswith("step 0, before (dashed: after --fix)")
+    assert titles[1].endswith("step 40")
+    # large enough to read at page width: at least 1000 pixels wide
+    assert all(tag == "initdoctor.depth_profile" and shape[1] >= 1000 for tag, shape, _ in images)
