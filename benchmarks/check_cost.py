@@ -33,7 +33,7 @@ from torch import nn
 
 import initdoctor
 from initdoctor import thresholds
-from initdoctor.probe import duplicate_groups
+from initdoctor.weights import duplicate_groups
 
 TIME_TARGET = 2.0  # check within 2x one bare forward+backward (DESIGN.md section 5)
 MEM_TARGET = 1.1  # peak memory within 1.1x of the bare pass

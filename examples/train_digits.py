@@ -173,7 +173,7 @@ def run_model(name: str, data, steps: int, width: int, seed: int) -> dict:
     row = {
         "name": name, "description": desc, "demo": demo,
         "before": sorted(result.before.codes()), "after": sorted(result.after.codes()),
-        "cured": result.cured, "notes": list(result.notes),
+        "cured": result.cured, "notes": list(result.fix_log),
         "after_findings": [(f.code, f.severity, f.message) for f in result.after.findings],
         "gains": sorted({round(p.gain, 3) for p in result.plan if p.apply}),
         "evidence": _evidence(result.after),

@@ -8,8 +8,7 @@
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
-
+from ._version import __version__
 from .diagnosis import Diagnosis, FixResult, ProbeError, check, fix  # noqa: E402
 from .watcher import InitDoctorWarning, Watch, watch  # noqa: E402
 

@@ -11,7 +11,6 @@ from torch import nn
 
 from .plan import Prescription
 
-_GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
 _INIT_STREAM = 0x1D0C_7011  # offsets the weight stream from every seed-derived batch
 
 
@@ -83,7 +82,7 @@ def apply_plan(model: nn.Module, plan: list[Prescription], seed: int = 0) -> lis
                     write(entry.layer, "bias", params["bias"], torch.zeros(params["bias"].shape))
                 continue
             if isinstance(m, nn.RNNBase):
-                gates = _GATES.get(type(m).__name__, 1)
+                gates = 4 if isinstance(m, nn.LSTM) else 3 if isinstance(m, nn.GRU) else 1
                 for pname, p in params.items():
                     if p is None:
                         continue
@@ -109,11 +108,15 @@ def apply_plan(model: nn.Module, plan: list[Prescription], seed: int = 0) -> lis
                     write(entry.layer, "in_proj_bias", params["in_proj_bias"], torch.zeros(params["in_proj_bias"].shape))
                 continue
             w = params.get("weight")
-            drawn = _draw(w.shape, entry.scheme, entry.gain, entry.mode, gen)
+            if entry.transposed:  # stored (in, out): torch.nn.init reads fans from (out, in)
+                drawn = _draw(torch.Size((w.shape[1], w.shape[0])), entry.scheme, entry.gain, entry.mode, gen).T
+            else:
+                drawn = _draw(w.shape, entry.scheme, entry.gain, entry.mode, gen)
             write(entry.layer, "weight", w, drawn)
             b = params.get("bias")
             if b is not None and entry.bias in ("zeros", "centred"):
-                write(entry.layer, "bias", b, -0.5 * centred_bias(w) if entry.bias == "centred" else
+                write(entry.layer, "bias", b, -0.5 * centred_bias(w.T if entry.transposed else w)
+                      if entry.bias == "centred" else
                       torch.zeros(b.shape))
     return written
 
@@ -127,3 +130,18 @@ def scale_layer(model: nn.Module, name: str, factor: float, recentre: bool) -> N
                 p.mul_(factor)
         if recentre:
             centre(m)
+
+
+Snapshot = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def snapshot(model: nn.Module) -> Snapshot:
+    """A copy of every parameter, to `restore` when a cure is undone."""
+    return [(p, p.detach().clone()) for p in {id(p): p for p in model.parameters()}.values()]
+
+
+def restore(saved: Snapshot) -> None:
+    """Put back the parameters a `snapshot` copied, in place (identity, dtype and device kept)."""
+    with torch.no_grad():
+        for p, v in saved:
+            p.copy_(v)

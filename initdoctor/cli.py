@@ -10,11 +10,10 @@ import os
 import sys
 import traceback
 
-from . import __version__
+from ._version import __version__
+from .vocab import FORCEABLE
 
 FAIL_ON = ("error", "warning", "info", "never")
-# the forceable init families (as initdoctor.plan.FORCEABLE; kept here so --help imports no torch)
-FORCEABLE = ("xavier_uniform", "xavier_normal", "kaiming_uniform", "kaiming_normal", "orthogonal", "lsuv")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -82,6 +81,8 @@ def _tensors_to(x, device=None, dtype=None):
         return x.to(dtype) if dtype is not None and x.is_floating_point() else x
     if isinstance(x, (tuple, list)):
         return type(x)(_tensors_to(t, device, dtype) for t in x)
+    if isinstance(x, dict):
+        return {k: _tensors_to(v, device, dtype) for k, v in x.items()}
     return x
 
 
@@ -90,6 +91,7 @@ def _check(args) -> int:
 
     from . import diagnosis
     from .loading import UsageError, example_batch, load
+    from .probe import eager
 
     if args.batch_size is not None and args.batch_size <= 0:
         raise UsageError(f"--batch-size {args.batch_size} must be positive")
@@ -108,9 +110,7 @@ def _check(args) -> int:
     # (and report) from run to run.
     torch.manual_seed(args.seed)
     loaded = load(args.target, args.model, args.arch)
-    model = loaded.model
-    if hasattr(model, "_orig_mod") and isinstance(model._orig_mod, torch.nn.Module):
-        model = model._orig_mod  # a torch.compile'd model: examine the module it wraps
+    model = eager(loaded.model)  # a torch.compile'd model: examine (and save) the module it wraps
     x, inferred = example_batch(loaded, args.input_shape, args.input_dtype, args.batch_size, args.seed, args.data)
     if args.dtype:
         from .loading import parse_dtype
@@ -122,7 +122,7 @@ def _check(args) -> int:
     x = _tensors_to(x, device=device)
     loss_fn = getattr(loaded.namespace, "loss_fn", None) if loaded.namespace else None
     kw = dict(select=_codes(args.select), ignore=_codes(args.ignore), keep=tuple(args.keep), scheme=args.scheme,
-              target=args.target, samples=4096 if args.tensorboard else 0)
+              target=args.target, histogram_values=4096 if args.tensorboard else 0, inferred=inferred)
     try:
         if args.fix or args.save_fixed:
             result = diagnosis.fix(model, x, loss_fn, args.seed, **kw)
@@ -132,7 +132,6 @@ def _check(args) -> int:
     except diagnosis.ProbeError as e:
         raise UsageError(f"{e}; check the example input (--input-shape, --input-dtype, example_input()) "
                          f"and that the model runs") from e
-    diag.input["inferred"] = inferred
     if args.save_fixed:
         torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, args.save_fixed)
     if args.tensorboard:
@@ -167,7 +166,7 @@ def _check(args) -> int:
         sys.stdout.write(text)
     if args.fail_on == "never":
         return 0
-    return 1 if final.fired(args.fail_on) else 0
+    return 1 if final.problems(args.fail_on) else 0
 
 
 def _explain(args) -> int:

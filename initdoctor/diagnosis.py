@@ -4,20 +4,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 from torch import nn
 
-from . import __version__
 from . import thresholds as T
-from .apply import apply_plan, scale_layer
-from .codes import SEVERITY_RANK, matches
-from .graph import severity_for_ratio, trends
-from .plan import Prescription, architectural, make_plan
-from .probe import examine
-from .rules import Finding, run_rules
+from ._version import __version__
+from .apply import apply_plan, restore, scale_layer, snapshot
+from .codes import SEVERITY_RANK
+from .depth import Trend, severity_for_ratio, tanh_depth, trends
+from .plan import Prescription, make_plan
+from .probe import call_args, eager, examine
+from .rules import Context, Finding, FixOutcome, conclude, run_rules
+from .schemes import Prescriber
 from .stats import LayerStats, ModelStats
 
 
@@ -25,7 +26,7 @@ class ProbeError(RuntimeError):
     """The model could not be examined (its forward or backward pass raised)."""
 
 
-@dataclass
+@dataclass(frozen=True)
 class Diagnosis:
     stats: ModelStats
     findings: list[Finding]
@@ -33,18 +34,20 @@ class Diagnosis:
     target: str = "model"
     input: dict = field(default_factory=dict)
     after: Diagnosis | None = None
-    notes: list[str] = field(default_factory=list)
+    fix_log: list[str] = field(default_factory=list)  # what `fix` did beyond the plan (gain adjustments, undo)
+    trends: list[Trend] = field(default_factory=list, repr=False)
 
     @property
     def layers(self) -> list[LayerStats]:
         return self.stats.layers
 
-    def fired(self, at_least: str = "warning") -> list[Finding]:
+    def problems(self, at_least: str = "warning") -> list[Finding]:
+        """The findings at or above a severity (by default those that fired: warnings and errors)."""
         rank = SEVERITY_RANK[at_least]
         return [f for f in self.findings if SEVERITY_RANK[f.severity] >= rank]
 
     def codes(self, at_least: str = "warning") -> set[str]:
-        return {f.code for f in self.fired(at_least)}
+        return {f.code for f in self.problems(at_least)}
 
     def to_dict(self) -> dict:
         d = {
@@ -59,7 +62,7 @@ class Diagnosis:
         if self.after is not None:
             d["after"] = {"findings": [f.to_dict() for f in self.after.findings],
                           "layers": [lay.to_dict() for lay in self.after.stats.layers],
-                          "notes": self.after.notes}
+                          "notes": self.after.fix_log}
         return d
 
     def __str__(self) -> str:
@@ -68,49 +71,55 @@ class Diagnosis:
         return render(self, color=False)
 
 
-def eager(model: Any) -> nn.Module:
-    """The module itself; a `torch.compile`d model is examined through the module it wraps."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"initdoctor needs an nn.Module, got {type(model).__name__}")
-    inner = getattr(model, "_orig_mod", None)
-    return inner if isinstance(inner, nn.Module) else model
-
-
-def _describe_input(x: Any) -> dict:
-    ts = [t for t in (x if isinstance(x, tuple) else (x,)) if isinstance(t, torch.Tensor)]
-    if not ts:
+def describe_input(x: Any) -> dict:
+    args, kwargs = call_args(x)
+    named = [(None, t) for t in args if isinstance(t, torch.Tensor)]
+    named += [(k, t) for k, t in kwargs.items() if isinstance(t, torch.Tensor)]
+    if not named:
         return {"shape": [], "dtype": type(x).__name__, "inferred": False}
-    d = {"shape": list(ts[0].shape), "dtype": str(ts[0].dtype).replace("torch.", ""), "inferred": False}
-    if len(ts) > 1:
-        d["shapes"] = [list(t.shape) for t in ts]
+    first = named[0][1]
+    d = {"shape": list(first.shape), "dtype": str(first.dtype).replace("torch.", ""), "inferred": False}
+    if len(named) > 1:
+        d["shapes"] = [list(t.shape) for _, t in named]
+    if kwargs:
+        d["keywords"] = [k for k, _ in named if k is not None]
     return d
+
+
+def judge(stats: ModelStats, select: list[str] | None = None,
+          ignore: list[str] | None = None) -> tuple[list[Finding], list[Trend]]:
+    """The findings of one examination, and the depth trends they rest on (computed once)."""
+    found = trends(stats)
+    return run_rules(stats, found, Prescriber(tanh_depth(stats)), select, ignore), found
 
 
 def check(model: nn.Module, example_input: Any, loss_fn: Callable | None = None, seed: int = 0, *,
           select: list[str] | None = None, ignore: list[str] | None = None, keep: tuple[str, ...] = (),
-          scheme: str | None = None, target: str = "model", samples: int = 0) -> Diagnosis:
+          scheme: str | None = None, target: str = "model", histogram_values: int = 0,
+          inferred: bool = False) -> Diagnosis:
     """Examine `model` on `example_input` with one forward and one backward pass; never mutates it.
 
-    `samples` keeps that many values of each layer's weights and outputs for histograms.
+    `histogram_values` keeps that many values of each layer's weights and outputs for histograms.
     """
     model = eager(model)
     try:
-        stats = examine(model, example_input, loss_fn, seed, samples)
+        stats = examine(model, example_input, loss_fn, seed, histogram_values)
     except Exception as e:  # the user's model raised: say where, keep the cause
         raise ProbeError(f"the model's forward or backward pass raised {type(e).__name__}: {e}") from e
-    findings = run_rules(stats, select, ignore)
+    findings, found = judge(stats, select, ignore)
     plan = make_plan(stats, findings, keep, scheme)
-    return Diagnosis(stats, findings, plan, target, _describe_input(example_input))
+    return Diagnosis(stats, findings, plan, target, {**describe_input(example_input), "inferred": inferred},
+                     trends=found)
 
 
-@dataclass
+@dataclass(frozen=True)
 class FixResult:
     before: Diagnosis
     after: Diagnosis
     plan: list[Prescription]
     written: list[str]
     cured: bool
-    notes: list[str]
+    fix_log: list[str]
 
     def __str__(self) -> str:
         return str(self.before)
@@ -122,12 +131,16 @@ def _score(d: Diagnosis) -> tuple[int, int]:
     return errs, warns
 
 
-def _adjust(model: nn.Module, after: Diagnosis, plan: list[Prescription]) -> list[str]:
-    """LSUV-style: scale each homologous group with a remaining depth trend by its measured factor."""
+def _adjust(model: nn.Module, after: Diagnosis, plan: list[Prescription], factors: dict[str, float]) -> list[str]:
+    """LSUV-style: scale each homologous group with a remaining depth trend by its measured factor.
+
+    The factors applied are multiplied into `factors` (layer -> gain factor), so the plan can say
+    which gain each layer settled on.
+    """
     notes = []
     by_layer = {p.layer: p for p in plan}
     adjusted: set[str] = set()
-    for t in trends(after.stats):
+    for t in after.trends:
         if t.metric not in ("signal", "gradient") or t.normalized:
             continue
         if severity_for_ratio(t.ratio, T.TREND_WARN, T.TREND_ERROR, t.ratio < 1) is None:
@@ -141,7 +154,7 @@ def _adjust(model: nn.Module, after: Diagnosis, plan: list[Prescription]) -> lis
                 continue
             adjusted.add(name)
             scale_layer(model, name, c, by_layer[name].bias == "centred")
-            by_layer[name].gain *= c
+            factors[name] = factors.get(name, 1.0) * c
         notes.append(f"{t.metric} still changed x{f:.3g} per layer over {t.layers[0]}..{t.layers[-1]}: "
                      f"weights scaled by {c:.3g}")
     return notes
@@ -149,64 +162,51 @@ def _adjust(model: nn.Module, after: Diagnosis, plan: list[Prescription]) -> lis
 
 def fix(model: nn.Module, example_input: Any, loss_fn: Callable | None = None, seed: int = 0, *,
         keep: tuple[str, ...] = (), scheme: str | None = None, select: list[str] | None = None,
-        ignore: list[str] | None = None, target: str = "model", samples: int = 0) -> FixResult:
+        ignore: list[str] | None = None, target: str = "model", histogram_values: int = 0,
+        inferred: bool = False) -> FixResult:
     """Apply the prescription in place, examine again, adjust gains a few times, and report.
 
     If the cure does not reduce the fired findings, the weights are put back and the result says
     what initialization cannot do.
     """
     model = eager(model)
-    kw = dict(select=select, ignore=ignore, keep=keep, scheme=scheme, target=target, samples=samples)
+    kw = dict(select=select, ignore=ignore, keep=keep, scheme=scheme, target=target,
+              histogram_values=histogram_values, inferred=inferred)
     before = check(model, example_input, loss_fn, seed, **kw)
     plan = before.plan
-    saved = {id(p): (p, p.detach().clone()) for p in model.parameters()}
-    notes: list[str] = []
+    saved = snapshot(model)
+    log: list[str] = []
+    factors: dict[str, float] = {}
     written = apply_plan(model, plan, seed) if any(p.apply for p in plan) else []
     if scheme == "lsuv" and written:
-        notes += _lsuv(model, example_input, loss_fn, seed, plan)
+        log += _lsuv(model, example_input, loss_fn, seed, plan, factors)
     after = check(model, example_input, loss_fn, seed, **kw)
     for _ in range(T.LSUV_ITERATIONS if written else 0):
-        step = _adjust(model, after, plan)
+        step = _adjust(model, after, plan, factors)
         if not step:
             break
-        notes += step
+        log += step
         after = check(model, example_input, loss_fn, seed, **kw)
     new = after.codes() - before.codes()
     cured = bool(written) and _score(after) < _score(before) and not new
     if written and not cured:
-        with torch.no_grad():
-            for p, v in saved.values():
-                p.copy_(v)
-        for p in plan:
-            p.apply = False
+        restore(saved)
+        plan = [replace(p, apply=False) for p in plan]
         why = (f"it would add {', '.join(sorted(new))}" if new else "it did not reduce the findings")
-        notes.append(f"the prescription was tried and undone: {why}")
+        log.append(f"the prescription was tried and undone: {why}")
         after = check(model, example_input, loss_fn, seed, **kw)
         written = []
-    arch = architectural(after.findings)
-    remaining = [f for f in after.fired() if f.code.startswith(("ID2", "ID3"))]
-    wanted = (not select or matches("ID906", select)) and not (ignore and matches("ID906", ignore))
-    if wanted and (arch or (remaining and not cured)):
-        order = {lay.name: lay.index for lay in after.stats.layers}
-        names = sorted({n for f in (arch or remaining) for n in f.layers}, key=lambda n: order.get(n, 1 << 30))
-        after.findings.append(Finding(
-            "ID906", "info", names[:8],
-            "initialization alone cannot cure " + ", ".join(sorted({f.code for f in (arch or remaining)}))
-            + ": " + ("the layers are followed by normalization, which undoes any init scale, yet gradients "
-                      "still grow through the plain stack; add residual connections (or use fewer layers)."
-                      if arch else "consider normalization (BatchNorm/LayerNorm), residual connections, or "
-                      "another activation."),
-            {"remaining": sorted({f.code for f in (arch or remaining)})}))
-    after.notes = notes
-    before.after = after
-    before.plan = plan
-    return FixResult(before, after, plan, written, cured, notes)
+    else:
+        plan = [replace(p, gain=p.gain * factors[p.layer]) if p.layer in factors else p for p in plan]
+    concluded = conclude(Context(after.stats, after.trends, Prescriber(tanh_depth(after.stats)), after.findings,
+                                 FixOutcome(cured)), select, ignore)
+    after = replace(after, findings=concluded, fix_log=log)
+    return FixResult(replace(before, after=after, plan=plan), after, plan, written, cured, log)
 
 
-def _lsuv(model, example_input, loss_fn, seed, plan) -> list[str]:
+def _lsuv(model, example_input, loss_fn, seed, plan, factors: dict[str, float]) -> list[str]:
     """Layer-sequential unit variance (Mishkin & Matas): each layer's output second moment to 1."""
     by_layer = {p.layer: p for p in plan if p.apply and p.scheme != "ones"}
-    notes = []
     order = examine(model, example_input, loss_fn, seed, backward=False).ran()
     for i, lay in enumerate(order):
         if lay.name not in by_layer:
@@ -216,6 +216,5 @@ def _lsuv(model, example_input, loss_fn, seed, plan) -> list[str]:
         if cur.q and math.isfinite(cur.q) and cur.q > 0:
             c = cur.q ** -0.5
             scale_layer(model, lay.name, c, by_layer[lay.name].bias == "centred")
-            by_layer[lay.name].gain *= c
-    notes.append(f"LSUV: {len(by_layer)} layer(s) scaled to unit output variance")
-    return notes
+            factors[lay.name] = factors.get(lay.name, 1.0) * c
+    return [f"LSUV: {len(by_layer)} layer(s) scaled to unit output variance"]

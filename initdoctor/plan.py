@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
-from .rules import Finding
-from .rules.scale import tanh_depth
-from .schemes import SCHEMES, centre_bias, recommend
+from .depth import tanh_depth
+from .rules import Finding, architectural
+from .schemes import centre_bias, recommend
 from .stats import LayerStats, ModelStats
+from .vocab import FORCEABLE, SCHEMES
 
-FORCEABLE = ("xavier_uniform", "xavier_normal", "kaiming_uniform", "kaiming_normal", "orthogonal", "lsuv")
 # Families that a new initialization can cure; ID4 is included because a re-drawn tensor is finite.
 CURABLE = ("ID1", "ID2", "ID3", "ID4")
 
 
-@dataclass
+@dataclass(frozen=True)
 class Prescription:
     layer: str
     scheme: str
@@ -25,6 +25,7 @@ class Prescription:
     reason: str
     apply: bool = True
     recommended: str = ""  # the textbook scheme, also when the entry says keep
+    transposed: bool = False  # the weight is stored (in, out): drawn as (out, in), then transposed
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -36,9 +37,21 @@ def _deliberate_zero(lay: LayerStats) -> bool:
     return any(s.zero and s.grad_rows_differ for s in lay.symmetry)
 
 
-def architectural(findings: list[Finding]) -> list[Finding]:
-    """Fired findings that no initialization can cure (gradient growth through normalized stacks)."""
-    return [f for f in findings if f.fired and f.code == "ID204" and f.evidence.get("normalized")]
+def _why_keep(lay: LayerStats, scheme: str, keep: tuple[str, ...], sick: bool, arch: bool, textbook: str,
+              gain: float) -> str | None:
+    """Why a layer is kept as it is ("" keeps the recommendation's own reason), or None to re-draw it."""
+    if scheme == "keep":
+        return ""
+    if lay.frozen:
+        return "frozen parameters are not trained"
+    if any(fnmatch.fnmatchcase(lay.name, pat) for pat in keep):
+        return "excluded by --keep"
+    if _deliberate_zero(lay):
+        return "deliberate zero-init: its gradient rows differ, so it moves on the first step"
+    if not sick:
+        return (f"no curable finding: kept (the textbook choice would be {textbook}, gain {gain:.3g})"
+                if not arch else "initialization cannot cure this model; see ID906")
+    return None
 
 
 def make_plan(stats: ModelStats, findings: list[Finding], keep: tuple[str, ...] = (),
@@ -61,24 +74,13 @@ def make_plan(stats: ModelStats, findings: list[Finding], keep: tuple[str, ...] 
         if scheme is not None and sch != "keep":
             sch = "orthogonal" if scheme == "lsuv" else scheme
             reason = f"forced {scheme} (textbook: {textbook}); gain {gain:.3g} from the nonlinearity"
-        has_bias = lay.has_bias
-        bias = ("centred" if centre_bias(lay) else "zeros") if has_bias else "none"
-        entry = Prescription(lay.name, sch, gain, mode, bias, reason, recommended=textbook)
-        if sch == "keep":
-            entry.bias, entry.apply = ("keep" if has_bias else "none"), False
-        elif lay.frozen:
-            entry.scheme, entry.apply, entry.reason = "keep", False, "frozen parameters are not trained"
-        elif any(fnmatch.fnmatchcase(lay.name, pat) for pat in keep):
-            entry.scheme, entry.apply, entry.reason = "keep", False, "excluded by --keep"
-        elif _deliberate_zero(lay):
-            entry.scheme, entry.apply = "keep", False
-            entry.reason = "deliberate zero-init: its gradient rows differ, so it moves on the first step"
-        elif not sick:
-            entry.scheme, entry.apply = "keep", False
-            entry.reason = (f"no curable finding: kept (the textbook choice would be {textbook}, gain {gain:.3g})"
-                            if not arch else "initialization cannot cure this model; see ID906")
-        if not entry.apply and has_bias:
-            entry.bias = "keep"
+        bias = ("centred" if centre_bias(lay) else "zeros") if lay.has_bias else "none"
+        entry = Prescription(lay.name, sch, gain, mode, bias, reason, recommended=textbook,
+                             transposed=lay.transposed)
+        why_keep = _why_keep(lay, sch, keep, sick, bool(arch), textbook, gain)
+        if why_keep is not None:
+            entry = replace(entry, scheme="keep", apply=False, reason=why_keep or entry.reason,
+                            bias="keep" if lay.has_bias else "none")
         plan.append(entry)
     if sick:
         for name in stats.norms:

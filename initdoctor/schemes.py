@@ -1,4 +1,8 @@
-"""Gains, fans and scales on top of `torch.nn.init`; never a re-derivation of its formulas."""
+"""Gains, fans and scales on top of `torch.nn.init`; never a re-derivation of its formulas.
+
+`Prescriber` is what the rules see of the cure (the `Cure` interface of `rules`): they quote it in
+their advice without importing the planner.
+"""
 
 from __future__ import annotations
 
@@ -7,19 +11,17 @@ import math
 from torch import nn
 
 from . import thresholds as T
-
-SCHEMES = ("xavier_uniform", "xavier_normal", "kaiming_uniform", "kaiming_normal", "lecun_normal",
-           "orthogonal", "zeros", "ones", "keep")
-RECTIFIERS = {"relu", "leaky_relu", "gelu", "silu", "elu", "softplus"}
+from . import vocab
+from .vocab import RECTIFIERS, TANH_LIKE
 
 
 def gain(activation: str | None, param: float | None = None) -> float:
     """The gain `torch.nn.init.calculate_gain` gives for the nonlinearity after a layer."""
-    if activation in ("relu", "gelu", "silu", "elu", "softplus"):
-        return nn.init.calculate_gain("relu")
     if activation == "leaky_relu":
         return nn.init.calculate_gain("leaky_relu", 0.01 if param is None else param)
-    if activation in ("tanh", "hardtanh", "softsign"):
+    if activation in RECTIFIERS:
+        return nn.init.calculate_gain("relu")
+    if activation in TANH_LIKE:
         return nn.init.calculate_gain("tanh")
     if activation == "sigmoid":
         return nn.init.calculate_gain("sigmoid")
@@ -32,11 +34,11 @@ def slope_factor(activation: str | None, param: float | None = None) -> float:
     Rectifiers keep half (leaky: (1 + a^2)/2); tanh's slope at 0 is 1 (its gain of 5/3 answers its
     saturation, not its slope); sigmoid's slope of 1/4 keeps 1/16.
     """
-    if activation in ("relu", "gelu", "silu", "elu", "softplus"):
-        return 0.5
     if activation == "leaky_relu":
         a = 0.01 if param is None else param
         return (1 + a * a) / 2
+    if activation in RECTIFIERS:
+        return 0.5
     if activation == "sigmoid":
         return 1.0 / 16.0
     return 1.0
@@ -47,8 +49,12 @@ def default_linear_std(fan_in: int) -> float:
     return 1.0 / math.sqrt(3.0 * fan_in)
 
 
-def looks_default(std: float | None, fan_in: int | None) -> bool:
+def looks_default(std: float | None, fan_in: int | None, absmax: float | None = None) -> bool:
+    """Whether weights look like PyTorch's default U(+-1/sqrt(fan_in)): its std, and (when the largest
+    |w| is known) nothing beyond its bound, which tells it from a normal draw of the same std."""
     if not std or not fan_in:
+        return False
+    if absmax is not None and absmax > 1.0001 / math.sqrt(fan_in):
         return False
     return abs(std / default_linear_std(fan_in) - 1.0) < 0.1
 
@@ -72,10 +78,14 @@ def deep_tanh_gain(depth: int) -> float:
 def recommend(lay, tanh_depth: int = 0) -> tuple[str, float, str, str]:
     """(scheme, gain, mode, reason) for a weight layer, from the nonlinearity that follows it."""
     act, param = lay.activation, lay.activation_param
-    mode = "fan_out" if lay.type.startswith("ConvTranspose") else "fan_in"  # torch's fans are swapped there
-    if lay.type in ("Embedding", "EmbeddingBag"):
+    mode = "fan_out" if lay.kind == vocab.CONV_TRANSPOSE else "fan_in"  # torch's fans are swapped there
+    if lay.kind == vocab.EMBEDDING:
         return "keep", 1.0, mode, "embeddings have no fan-in; their scale is the model's choice"
-    if lay.type in ("LSTM", "GRU", "RNN"):
+    if lay.parametrization:
+        return ("keep", gain(act, param), mode,
+                f"the weight is computed by {lay.parametrization}, which sets its scale: initialization of "
+                f"its parameters cannot change it")
+    if lay.kind == vocab.RECURRENT:
         return ("xavier_uniform", 1.0, mode,
                 "recurrent layer: Xavier for input weights, orthogonal for recurrent weights, zero biases")
     if act in RECTIFIERS:
@@ -84,7 +94,7 @@ def recommend(lay, tanh_depth: int = 0) -> tuple[str, float, str, str]:
         return "kaiming_normal", g, mode, f"He init for {name}: gain {g:.3g}, {mode} keeps the variance"
     if act == "selu":
         return "lecun_normal", 1.0, "fan_in", "LeCun normal keeps SELU self-normalizing"
-    if act in ("tanh", "hardtanh", "softsign"):
+    if act in TANH_LIKE:
         g = deep_tanh_gain(tanh_depth)
         why = (f"Xavier for {act} with gain {g:.3g}" + (f" ({tanh_depth} tanh layers: 5/3 turns chaotic this deep)"
                                                        if g != nn.init.calculate_gain("tanh") else ""))
@@ -100,8 +110,7 @@ def recommend(lay, tanh_depth: int = 0) -> tuple[str, float, str, str]:
 
 def prescribed_std(lay, tanh_depth: int = 0) -> tuple[str, float] | None:
     """(scheme, std) the prescription would draw this layer with; None where it keeps the layer."""
-    if not (lay.weight_std and lay.fan_in and lay.fan_out) or lay.type in ("LSTM", "GRU", "RNN",
-                                                                           "MultiheadAttention"):
+    if not (lay.weight_std and lay.fan_in and lay.fan_out) or lay.kind in (vocab.RECURRENT, vocab.ATTENTION):
         return None
     scheme, g, _, _ = recommend(lay, tanh_depth)
     if scheme == "keep":
@@ -123,4 +132,27 @@ def centre_bias(lay) -> bool:
 
     Not for transposed convolutions: their outputs sum over a stride-dependent subset of the kernel.
     """
-    return lay.fed_by == "sigmoid" and not lay.type.startswith("ConvTranspose")
+    return lay.fed_by == "sigmoid" and lay.kind != vocab.CONV_TRANSPOSE
+
+
+class Prescriber:
+    """The cure as the rules quote it, for one model (its tanh depth fixes the tanh gain)."""
+
+    def __init__(self, tanh_depth: int = 0) -> None:
+        self.tanh_depth = tanh_depth
+
+    def recommend(self, lay) -> tuple[str, float, str, str]:
+        return recommend(lay, self.tanh_depth)
+
+    def prescribed_std(self, lay) -> tuple[str, float] | None:
+        return prescribed_std(lay, self.tanh_depth)
+
+    def at_prescribed_scale(self, lay) -> bool:
+        return at_prescribed_scale(lay, self.tanh_depth)
+
+    centre_bias = staticmethod(centre_bias)
+    slope_factor = staticmethod(slope_factor)
+
+    @staticmethod
+    def looks_default(lay) -> bool:
+        return looks_default(lay.weight_std, lay.fan_in, lay.weight_absmax)

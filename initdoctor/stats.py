@@ -167,6 +167,9 @@ class LayerStats:
 
     name: str
     type: str
+    kind: str = "linear"  # vocab.KINDS: how the weight maps inputs to units
+    transposed: bool = False  # the weight is stored (in, out): the model computes x @ W (HF Conv1D)
+    parametrization: str | None = None  # what computes the weight from its parameters (spectral_norm, ...)
     index: int = -1  # execution order among weight layers; -1: never ran
     calls: int = 0
     weight_shape: list[int] = field(default_factory=list)
@@ -186,6 +189,7 @@ class LayerStats:
     weight_std: float | None = None
     weight_rms: float | None = None
     weight_nonfinite: int = 0
+    weight_absmax: float | None = None  # tells PyTorch's default U(+-1/sqrt(fan_in)) from a normal draw
     bias_mean: float | None = None
     bias_std: float | None = None
     # forward (pre-activation output of the layer)
@@ -222,6 +226,8 @@ class ActivationStats:
     name: str
     kind: str
     layer: str | None  # the weight layer whose output it consumes
+    module: str = ""  # the module path it belongs to (its own module, else the layer it follows)
+    gate: str | None = None  # a recurrent layer's gate ("i", "f", "g", "o"; "r", "z", "n"), rebuilt
     index: int = -1
     calls: int = 0
     units: int = 0
@@ -242,11 +248,11 @@ class ModelStats:
     norms: list[str]  # norm-layer module names (their affine parameters are part of the plan)
     output_nonfinite: int = 0
     backward: bool = True
-    notes: list[tuple[str, str]] = field(default_factory=list)  # (layer, op) for unknown consumers
+    unknown_ops: list[tuple[str, str]] = field(default_factory=list)  # (layer, op) for unknown consumers
     nonfinite_params: list[tuple[str, int]] = field(default_factory=list)  # other than layer weights
     residual_adds: int = 0  # additions of two signals of the network (skip connections)
     # (kind, layer) -> a few values of weights/activations for histograms; never serialized
-    samples: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict, repr=False)
+    values: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict, repr=False)
 
     def layer(self, name: str) -> LayerStats:
         for lay in self.layers:

@@ -21,15 +21,15 @@ from torch import nn
 
 from . import distributed
 from .codes import SEVERITY_RANK
-from .diagnosis import Diagnosis
+from .diagnosis import Diagnosis, judge
 from .probe import Recorder
-from .rules import Finding, run_rules
+from .rules import Finding
 from .stats import ModelStats
+from .vocab import HISTORY_FIELDS
 
 log = logging.getLogger("initdoctor")
 log.addHandler(logging.NullHandler())  # a library logs; the application decides where it goes
 
-HISTORY_FIELDS = ("signal", "q", "grad_q", "saturated", "dead", "weight_grad_ratio")
 
 
 class InitDoctorWarning(UserWarning):
@@ -68,7 +68,7 @@ class Watch:
         # Histograms cost a pass over every weight: on by default for small models only.
         self.histograms = n_params <= 5_000_000 if histograms is None else histograms
         self.steps = 0  # completed steps
-        self.samples = 0  # completed samples
+        self.sampled = 0  # completed sampled steps
         self.history: list[dict] = []
         self.last: Diagnosis | None = None
         self._warned: dict[str, int] = {}
@@ -117,7 +117,7 @@ class Watch:
 
     def _arm(self) -> None:
         if self._rec is None:
-            rec = Recorder(self.model, samples=4096 if self.histograms else 0)
+            rec = Recorder(self.model, keep_values=4096 if self.histograms else 0)
             rec.__enter__()
             self._rec = rec
 
@@ -137,16 +137,16 @@ class Watch:
             if p.grad is not None:
                 params[id(p)] = p.grad
         reduce = distributed.reducer(self.group) if distributed.active(self.group) else None
-        stats = rec.finish(params or None, backward=bool(rec.grad), reduce=reduce, symmetry=self.samples == 0)
-        findings = run_rules(stats, self.select, self.ignore)
-        diag = Diagnosis(stats, findings, [], target=type(self.model).__name__)
+        stats = rec.finish(params or None, backward=bool(rec.acc.grad), reduce=reduce, symmetry=self.sampled == 0)
+        findings, found = judge(stats, self.select, self.ignore)
+        diag = Diagnosis(stats, findings, [], target=type(self.model).__name__, trends=found)
         self.last = diag
         self.history.append(_record(self.steps, stats))
         if self._is_writer_rank():
             self._report(findings)
             if self.writer is not None:
                 self._write(diag)
-        self.samples += 1
+        self.sampled += 1
         return diag
 
     def _report(self, findings: list[Finding]) -> None:
@@ -172,7 +172,7 @@ class Watch:
         return self._tb
 
     def _write(self, diag: Diagnosis) -> None:
-        images = self.samples == 0 or (self.images_every is not None and self.samples % self.images_every == 0)
+        images = self.sampled == 0 or (self.images_every is not None and self.sampled % self.images_every == 0)
         self._run_writer().write(diag, self.steps)
         if images:
             self._write_images(diag, self.steps)

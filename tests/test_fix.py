@@ -22,7 +22,7 @@ EXPECTED = {"p03_sigmoid_uniform": {"ID203"}, "p06_relu_exploding": {"ID202", "I
 
 
 def _id2(diag) -> set[str]:
-    return {f.code for f in diag.fired() if f.code.startswith("ID2")}
+    return {f.code for f in diag.problems() if f.code.startswith("ID2")}
 
 
 @pytest.mark.parametrize("name", sorted(SICK))
@@ -138,7 +138,7 @@ def test_fix_leaves_a_healthy_model_alone(tiny):
     assert result.written == [] and not result.cured
     assert all(p.scheme == "keep" and not p.apply for p in result.plan)
     tiny.assert_unchanged(model, snap)
-    assert not result.after.fired()
+    assert not result.after.problems()
 
 
 def test_fix_keeps_a_zero_output_layer(tiny):

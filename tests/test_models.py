@@ -20,7 +20,7 @@ from .models.zoo import DC, GPT, MHA, Dec, ResNet
 
 
 def fired(d) -> set[str]:
-    return {f.code for f in d.fired()}
+    return {f.code for f in d.problems()}
 
 
 def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -171,7 +171,7 @@ def test_profile_thins_tick_labels_for_100_layers(deep, small):
 
 
 def test_profile_marks_fired_findings_at_their_layers(deep):
-    fired = {f.code: f for f in deep.fired()}
+    fired = {f.code: f for f in deep.problems()}
     assert "ID203" in fired  # a 100-layer ReLU MLP with PyTorch's default init loses its gradient
     fig = profile(deep)
     track = fig.axes[1]
@@ -185,7 +185,7 @@ def test_profile_marks_fired_findings_at_their_layers(deep):
 
 
 def test_profile_without_findings_has_no_track(small):
-    assert not small.fired()
+    assert not small.problems()
     assert len(profile(small).axes) == 2
 
 

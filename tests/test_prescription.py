@@ -109,7 +109,7 @@ def test_forced_lsuv_gives_unit_output_variance():
     model = stack(nn.Tanh, depth=6, std=0.01)
     x = torch.randn(128, 64)
     result = initdoctor.fix(model, x, scheme="lsuv")
-    assert any("LSUV" in n for n in result.notes)
+    assert any("LSUV" in n for n in result.fix_log)
     d = initdoctor.check(model, x)
     for lay in d.stats.ran()[:-1]:
         assert lay.q == pytest.approx(1.0, rel=0.05)

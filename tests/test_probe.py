@@ -386,7 +386,7 @@ def test_bfloat16_model(tiny):
         assert lay.dtype == "bfloat16"
         for v in (lay.q, lay.signal, lay.grad_q, lay.weight_std):
             assert isinstance(v, float) and math.isfinite(v) and v > 0
-    assert not d.fired("error")
+    assert not d.problems("error")
     tiny.assert_no_hooks(model)
 
 

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 import initdoctor
 from initdoctor.report import _clean
-from initdoctor.schemes import SCHEMES
+from initdoctor.vocab import SCHEMES
 
 BOUNDED = settings(max_examples=20, deadline=None, derandomize=True, database=None,
                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
@@ -44,7 +44,7 @@ def healthy_mlp(draw):
 
 
 def _fired_id2(diag) -> list[tuple[str, str, float | None]]:
-    return [(f.code, f.severity, f.evidence.get("ratio")) for f in diag.fired() if f.code.startswith("ID2")]
+    return [(f.code, f.severity, f.evidence.get("ratio")) for f in diag.problems() if f.code.startswith("ID2")]
 
 
 @BOUNDED

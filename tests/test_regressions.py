@@ -34,7 +34,7 @@ def test_layernorm_over_two_dims_is_not_a_weight_layer():
                           nn.Linear(8, 2))
     d = initdoctor.check(model, torch.randn(32, 8))
     assert "2" not in {lay.name for lay in d.layers}
-    assert d.fired() == []
+    assert d.problems() == []
 
 
 def test_check_leaves_every_buffer_as_it_was():

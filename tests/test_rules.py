@@ -13,9 +13,10 @@ from torch import nn
 import initdoctor
 from initdoctor import thresholds as T
 from initdoctor.codes import CODES
-from initdoctor.probe import duplicate_groups
-from initdoctor.rules import RULES, Finding, run_rules
+from initdoctor.diagnosis import judge
+from initdoctor.rules import RULES, Finding
 from initdoctor.stats import ActivationStats, LayerStats, ModelStats, SymmetryStats
+from initdoctor.weights import duplicate_groups
 
 # --- hand-built statistics ---------------------------------------------------------------------------
 
@@ -46,6 +47,10 @@ def group(metric: str, ratio: float, n: int = 3, **kw) -> ModelStats:
     return ModelStats(layers, [], [])
 
 
+def findings_of(stats: ModelStats, select: list[str] | None = None, ignore: list[str] | None = None) -> list[Finding]:
+    return judge(stats, select, ignore)[0]
+
+
 def act(kind: str, **kw) -> ActivationStats:
     return ActivationStats(name="1", kind=kind, layer="0", index=0, calls=1, units=8, **kw)
 
@@ -55,7 +60,7 @@ def stats_with(*acts: ActivationStats) -> ModelStats:
 
 
 def severities(stats: ModelStats, code: str) -> list[str]:
-    return [f.severity for f in run_rules(stats, select=[code]) if f.code == code]
+    return [f.severity for f in findings_of(stats, select=[code]) if f.code == code]
 
 
 def sev(stats: ModelStats, code: str) -> str | None:
@@ -84,21 +89,21 @@ def test_finding_to_dict_contract():
 
 
 def test_healthy_statistics_fire_nothing():
-    assert run_rules(group("signal", 1.0)) == []
+    assert findings_of(group("signal", 1.0)) == []
 
 
 def test_select_and_ignore_by_prefix():
     stats = ModelStats(group("signal", 1e-6).layers, [act("relu", dead=1.0)], [])
-    assert {f.code for f in run_rules(stats)} == {"ID201", "ID303"}
-    assert {f.code for f in run_rules(stats, select=["ID2"])} == {"ID201"}
-    assert {f.code for f in run_rules(stats, select=["id3"])} == {"ID303"}
-    assert {f.code for f in run_rules(stats, ignore=["ID2"])} == {"ID303"}
-    assert run_rules(stats, select=["ID2"], ignore=["ID201"]) == []
+    assert {f.code for f in findings_of(stats)} == {"ID201", "ID303"}
+    assert {f.code for f in findings_of(stats, select=["ID2"])} == {"ID201"}
+    assert {f.code for f in findings_of(stats, select=["id3"])} == {"ID303"}
+    assert {f.code for f in findings_of(stats, ignore=["ID2"])} == {"ID303"}
+    assert findings_of(stats, select=["ID2"], ignore=["ID201"]) == []
 
 
 def test_findings_sorted_errors_first():
     stats = ModelStats(group("signal", 0.5e-2).layers, [act("relu", dead=1.0)], [])
-    sevs = [f.severity for f in run_rules(stats)]
+    sevs = [f.severity for f in findings_of(stats)]
     assert sevs == ["error", "warning"]
 
 
@@ -131,7 +136,7 @@ def test_collapse_boundaries(ratio, expected):
     stats = group("collapse", ratio)
     assert sev(stats, "ID201") == expected
     if expected:
-        f = run_rules(stats, select=["ID201"])[0]
+        f = findings_of(stats, select=["ID201"])[0]
         assert f.evidence["metric"] == "collapse"
 
 
@@ -147,7 +152,7 @@ def test_gradient_boundaries(ratio, vanishing, exploding):
 
 def test_trend_evidence_and_layers():
     stats = group("gradient", 1e-6, n=5)
-    (f,) = run_rules(stats, select=["ID203"])
+    (f,) = findings_of(stats, select=["ID203"])
     assert f.layers == [f"blocks.{i}.fc" for i in range(5)]
     assert f.evidence["ratio"] == pytest.approx(1e-6)
     assert f.evidence["per_layer"] == pytest.approx(1e-6 ** 0.25)
@@ -155,21 +160,21 @@ def test_trend_evidence_and_layers():
 
 
 def test_two_layers_are_not_a_trend():
-    assert run_rules(group("signal", 1e-9, n=2)) == []
-    assert run_rules(group("gradient", 1e9, n=2)) == []
+    assert findings_of(group("signal", 1e-9, n=2)) == []
+    assert findings_of(group("gradient", 1e9, n=2)) == []
 
 
 def test_unlike_layers_are_not_compared():
     # same path pattern, different shapes: three groups of one
     layers = [layer(f"blocks.{i}.fc", i, q=10.0 ** (-4 * i), shape=(8, 8 + i)) for i in range(3)]
-    assert run_rules(ModelStats(layers, [], [])) == []
+    assert findings_of(ModelStats(layers, [], [])) == []
     # same shapes, different paths that are not the same once numbers are replaced
     layers = [layer(name, i, q=10.0 ** (-4 * i)) for i, name in enumerate(["enc", "mid", "dec"])]
-    assert run_rules(ModelStats(layers, [], [])) == []
+    assert findings_of(ModelStats(layers, [], [])) == []
     # conv1 and conv2 of the same blocks are kept apart (each group has only two members)
     layers = [layer(f"blocks.{b}.conv{c}", 2 * b + c, q=10.0 ** (-4 * (2 * b + c)), type_="Conv2d")
               for b in range(2) for c in (1, 2)]
-    assert run_rules(ModelStats(layers, [], [])) == []
+    assert findings_of(ModelStats(layers, [], [])) == []
 
 
 def test_zero_weight_layers_left_out_of_trends():
@@ -219,7 +224,7 @@ def test_saturation_worst_layer_decides_severity():
     a = act("tanh", saturated=0.3, saturated_units=0.0)
     b = ActivationStats(name="3", kind="tanh", layer="2", index=1, calls=1, units=8, saturated=0.6,
                         saturated_units=0.0)
-    (f,) = run_rules(ModelStats([layer("0", 0), layer("2", 1)], [a, b], []), select=["ID301"])
+    (f,) = findings_of(ModelStats([layer("0", 0), layer("2", 1)], [a, b], []), select=["ID301"])
     assert f.severity == "error"
     assert f.layers == ["0", "2"]
     assert f.evidence["saturated"] == {"1": 0.3, "3": 0.6}
@@ -283,7 +288,7 @@ def test_duplicates_with_differing_gradients_warn():
     stats = _sym(duplicate_groups=[[0, 1]], frozen_groups=[])
     assert severities(stats, "ID102") == ["warning"]
     assert severities(stats, "ID103") == []
-    (f,) = run_rules(stats, select=["ID102"])
+    (f,) = findings_of(stats, select=["ID102"])
     assert f.evidence["duplicate_units"] == 2 and f.evidence["groups"] == [[0, 1]]
 
 
@@ -296,10 +301,40 @@ def test_duplicates_with_equal_gradients_are_unbreakable():
     assert severities(stats, "ID102") == ["warning"]
 
 
-def test_zero_tensor_duplicates_are_id101s():
+def test_a_zero_tensor_with_zero_gradient_is_unbreakable():
+    """DESIGN, "Symmetry, precisely": a zero tensor whose gradient is zero too can never move (ID103)."""
     stats = _sym(constant=True, zero=True, grad_constant=True, grad_rows_differ=False,
                  duplicate_groups=[[0, 1, 2, 3]], frozen_groups=[[0, 1, 2, 3]])
-    assert {f.code for f in run_rules(stats)} == {"ID101"}
+    assert {(f.code, f.severity) for f in findings_of(stats)} == {("ID101", "error"), ("ID103", "error")}
+    (f,) = [f for f in findings_of(stats) if f.code == "ID103"]
+    assert "zero and so is its gradient" in f.message and f.evidence["zero"]
+
+
+def test_a_deliberate_zero_init_is_only_noted():
+    stats = _sym(constant=True, zero=True, grad_constant=False, grad_rows_differ=True,
+                 duplicate_groups=[[0, 1, 2, 3]], frozen_groups=[])
+    assert {(f.code, f.severity) for f in findings_of(stats)} == {("ID101", "info")}
+
+
+def test_zero_attention_projections_are_unbreakable():
+    """W_Q = W_K = 0: each leaves the other's gradient at zero, so neither ever moves."""
+    torch.manual_seed(0)
+
+    class Attn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.v, self.o = (nn.Linear(16, 16) for _ in range(4))
+            for m in (self.q, self.k):
+                nn.init.zeros_(m.weight)
+                nn.init.zeros_(m.bias)
+
+        def forward(self, x):
+            a = torch.softmax(self.q(x) @ self.k(x).transpose(1, 2) / 4, -1)
+            return self.o(a @ self.v(x))
+
+    d = initdoctor.check(Attn(), torch.randn(4, 8, 16))
+    assert [f.layers for f in d.findings if f.code == "ID103"] == [["q"], ["k"]]
+    assert all(f.severity == "error" for f in d.findings if f.code == "ID103")
 
 
 # --- non-finite on hand-built statistics --------------------------------------------------------------
@@ -309,7 +344,7 @@ def test_zero_tensor_duplicates_are_id101s():
 def test_nonfinite_layer_fields(field):
     stats = group("signal", 1.0)
     setattr(stats.layers[1], field, 3)
-    (f,) = run_rules(stats, select=["ID4"])
+    (f,) = findings_of(stats, select=["ID4"])
     assert (f.code, f.severity) == ("ID401", "error")
     assert "blocks.1.fc" in f.layers
 
@@ -320,7 +355,7 @@ def test_nonfinite_model_output_and_other_parameters():
     assert severities(stats, "ID401") == ["error"]
     stats = group("signal", 1.0)
     stats.nonfinite_params.append(("norm.weight", 1))
-    (f,) = run_rules(stats, select=["ID401"])
+    (f,) = findings_of(stats, select=["ID401"])
     assert "norm.weight" in f.layers
 
 
@@ -501,7 +536,7 @@ def test_id501_is_info_only(tiny):
     assert tiny.severity(d, "ID501") == "info"
     (f,) = [f for f in d.findings if f.code == "ID501"]
     assert f.evidence["scales"]["0"]["ratio"] == pytest.approx(5.0, rel=0.1)
-    assert not d.fired()
+    assert not d.problems()
 
 
 def test_id9xx_notes(tiny):
@@ -549,7 +584,7 @@ def test_id905_recurrent_layers(tiny):
     torch.manual_seed(0)
     d = initdoctor.check(nn.GRU(8, 16, batch_first=True), tiny.batch(4, 5, 8))
     assert ("ID905", "info") in {(f.code, f.severity) for f in d.findings}
-    assert not d.fired()
+    assert not d.problems()
 
 
 class _LSTMNet(nn.Module):
@@ -574,7 +609,7 @@ def test_id301_lstm_gates_saturated(tiny):
     assert f.layers == ["rnn"]  # module paths; the gates are named in the evidence
     assert {"rnn:i", "rnn:f", "rnn:g", "rnn:o"} <= set(f.evidence["saturated"])
     d = initdoctor.check(_LSTMNet(), tiny.batch(16, 10, 8))
-    assert d.fired() == []
+    assert d.problems() == []
 
 
 # --- benign look-alikes must stay silent at warning/error ------------------------------------------------
@@ -713,7 +748,7 @@ BENIGN = {
 def test_benign_look_alikes_are_silent(tiny, name):
     build, make_input = BENIGN[name]
     d = initdoctor.check(build(tiny), make_input(tiny))
-    assert d.fired() == [], [(f.code, f.severity, f.message) for f in d.fired()]
+    assert d.problems() == [], [(f.code, f.severity, f.message) for f in d.problems()]
     assert all(p.scheme == "keep" or not p.apply for p in d.plan)
     if name == "layernorm_transformer":  # norm weights of 1 are not constant weights
         assert "ID101" not in tiny.codes(d, "info")
@@ -753,7 +788,7 @@ def test_zero_tensor_whose_rows_move_together_is_unbreakable():
     # W1 = 0 feeding a tanh: its gradient rows are equal (the next layer's columns are), not constant
     stats = _sym(constant=True, zero=True, grad_constant=False, grad_rows_differ=False,
                  duplicate_groups=[[0, 1, 2, 3]], frozen_groups=[[0, 1, 2, 3]])
-    assert {(f.code, f.severity) for f in run_rules(stats)} == {("ID101", "info"), ("ID103", "error")}
+    assert {(f.code, f.severity) for f in findings_of(stats)} == {("ID101", "info"), ("ID103", "error")}
 
 
 def test_fix_weights_do_not_copy_the_probe_batch():

@@ -49,7 +49,7 @@ def test_training_is_bit_identical_with_and_without_watch(tmp_path):
     with initdoctor.watch(model, log_dir=str(tmp_path), every=3, images_every=2) as doctor:
         watched = train(model, 12, doctor)
     assert all(torch.equal(a, b) for a, b in zip(bare, watched))
-    assert doctor.samples == 4 and [h["step"] for h in doctor.history] == [0, 3, 6, 9]
+    assert doctor.sampled == 4 and [h["step"] for h in doctor.history] == [0, 3, 6, 9]
     assert all_hooks(model) == 0
     assert not torch._C._is_torch_function_mode_enabled()
 

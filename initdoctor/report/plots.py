@@ -21,6 +21,7 @@ from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .. import thresholds as T
+from ..vocab import METRICS
 
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import numpy as np
@@ -44,17 +45,11 @@ COLORS = {
 SEVERITY_MARKER = {"error": "X", "warning": "^"}
 MAX_TICK_LABELS = 40
 
-# Keys of a watch() history record, and the names TensorBoard tags use for the same metrics.
-LOG_METRICS = ("signal", "q", "grad_q")
-FRACTION_METRICS = ("saturated", "dead")
-METRIC_ALIASES = {"gradient": "grad_q", "saturation": "saturated"}
-METRIC_TITLES = {
-    "signal": "signal (per-unit variance)",
-    "q": "scale q = mean(y²)",
-    "grad_q": "gradient G = mean(δ²)",
-    "saturated": "saturated share",
-    "dead": "dead-unit share",
-}
+# A metric is asked for by its name (vocab.METRICS) or by the LayerStats attribute a history keeps it under.
+LOG_METRICS = tuple(m.attr for m in METRICS if m.log)
+FRACTION_METRICS = tuple(m.attr for m in METRICS if not m.log)
+METRIC_ALIASES = {m.name: m.attr for m in METRICS if m.name != m.attr}
+METRIC_TITLES = {m.attr: m.title for m in METRICS}
 
 
 # --- small readers ------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ SUMMARY_TITLES = {
     "warnings": "findings of severity warning",
 }
 FINDINGS_TAG = "initdoctor.findings"
-# stats.samples kind -> histogram group. The probe samples each weight layer's output (before the
+# stats.values kind -> histogram group. The probe samples each weight layer's output (before the
 # nonlinearity); "outputs" says so, and sorts after the log10 scalars in Time Series.
 HISTOGRAM_GROUPS = {"weights": "weights", "activations": "outputs"}
 LAYOUT_CATEGORY = "initdoctor"
@@ -229,7 +229,7 @@ def write_figures(writer: Any, diag, step: int, *, after=None, history: list | N
     width = _width(layers)
     keys = {lay.name: layer_key(lay, width) for lay in layers}
     if histograms:
-        for (kind, name), values in diag.stats.samples.items():
+        for (kind, name), values in diag.stats.values.items():
             v = values[values.isfinite()]
             if v.numel() and name in keys and kind in HISTOGRAM_GROUPS:
                 writer.add_histogram(f"initdoctor.{HISTOGRAM_GROUPS[kind]}/{keys[name]}", v, step)
@@ -277,4 +277,3 @@ def write_diagnosis(diag, log_dir: str) -> list[str]:
             writer.close()
         written.append(path)
     return written
-

@@ -119,7 +119,7 @@ def before_after(before, after, color: bool) -> list[str]:
     remaining = sorted(a_codes)
     lines.append(_paint(f"resolved: {', '.join(resolved) or 'none'}", "ok" if resolved else "dim", color))
     lines.append(_paint(f"remaining: {', '.join(remaining) or 'none'}", "warning" if remaining else "ok", color))
-    for note in after.notes:
+    for note in after.fix_log:
         lines.append(f"  note: {note}")
     return lines
 

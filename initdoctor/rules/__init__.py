@@ -1,11 +1,18 @@
-"""Rules: one class per code, each a pure function of `ModelStats`; rules never print."""
+"""Rules: one class per code, each a pure function of the statistics; rules never print.
+
+A rule judges a `Context`: the statistics, the depth trends (computed once per examination and
+shared), and the cure as far as advice needs to quote it (`Cure`, implemented by
+`schemes.Prescriber`), so no rule imports the planner or the probe.
+"""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import Protocol
 
 from ..codes import CODES, SEVERITY_RANK, matches
-from ..stats import ModelStats
+from ..depth import Trend
+from ..stats import LayerStats, ModelStats
 
 
 @dataclass
@@ -30,10 +37,38 @@ class Finding:
                 "message": d["message"], "evidence": d["evidence"]}
 
 
+class Cure(Protocol):
+    """What the rules may ask of the prescription, to quote it in their advice."""
+
+    def recommend(self, lay: LayerStats) -> tuple[str, float, str, str]: ...  # scheme, gain, mode, reason
+    def prescribed_std(self, lay: LayerStats) -> tuple[str, float] | None: ...
+    def at_prescribed_scale(self, lay: LayerStats) -> bool: ...
+    def centre_bias(self, lay: LayerStats) -> bool: ...
+    def looks_default(self, lay: LayerStats) -> bool: ...
+    def slope_factor(self, activation: str | None, param: float | None = None) -> float: ...
+
+
+@dataclass(frozen=True)
+class FixOutcome:
+    """What `fix` achieved, for the rules that conclude on it (ID906)."""
+
+    cured: bool
+
+
+@dataclass(frozen=True)
+class Context:
+    stats: ModelStats
+    trends: list[Trend]
+    cure: Cure
+    findings: list[Finding] = field(default_factory=list)  # the examination's, for concluding rules
+    outcome: FixOutcome | None = None  # set by `fix` only
+
+
 class Rule:
     code: str = ""
+    concludes = False  # judges the other rules' findings after a fix, rather than the statistics
 
-    def check(self, stats: ModelStats) -> list[Finding]:  # pragma: no cover - interface
+    def judge(self, ctx: Context) -> list[Finding]:  # pragma: no cover - interface
         raise NotImplementedError
 
     def finding(self, severity: str, layers: list[str], message: str, **evidence) -> Finding:
@@ -50,21 +85,34 @@ def register(cls: type[Rule]) -> type[Rule]:
     return cls
 
 
-def run_rules(stats: ModelStats, select: list[str] | None = None, ignore: list[str] | None = None) -> list[Finding]:
-    """All findings for `stats`, errors first; `select`/`ignore` match code prefixes."""
+def _wanted(code: str, select: list[str] | None, ignore: list[str] | None) -> bool:
+    return (not select or matches(code, select)) and not (ignore and matches(code, ignore))
+
+
+def run_rules(stats: ModelStats, trends: list[Trend], cure: Cure, select: list[str] | None = None,
+              ignore: list[str] | None = None) -> list[Finding]:
+    """All findings of one examination, errors first; `select`/`ignore` match code prefixes."""
+    ctx = Context(stats, trends, cure)
     out: list[Finding] = []
-    stats.__dict__["_trends"] = None  # the rules share one computation of the depth trends
-    try:
-        for code, cls in sorted(RULES.items()):
-            if select and not matches(code, select):
-                continue
-            if ignore and matches(code, ignore):
-                continue
-            out.extend(cls().check(stats))
-    finally:
-        stats.__dict__.pop("_trends", None)
+    for code, cls in sorted(RULES.items()):
+        if not cls.concludes and _wanted(code, select, ignore):
+            out.extend(cls().judge(ctx))
     out.sort(key=lambda f: (-SEVERITY_RANK[f.severity], f.code))
     return out
 
 
-from . import nonfinite, notes, regime, scale, signal, symmetry  # noqa: E402,F401  (registration)
+def conclude(ctx: Context, select: list[str] | None = None, ignore: list[str] | None = None) -> list[Finding]:
+    """The examination's findings followed by what the concluding rules say of the fix's outcome."""
+    out = list(ctx.findings)
+    for code, cls in sorted(RULES.items()):
+        if cls.concludes and _wanted(code, select, ignore):
+            out.extend(cls().judge(ctx))
+    return out
+
+
+def architectural(findings: list[Finding]) -> list[Finding]:
+    """Fired findings that no initialization can cure (gradient growth through normalized stacks)."""
+    return [f for f in findings if f.fired and f.code == "ID204" and f.evidence.get("normalized")]
+
+
+from . import coverage, nonfinite, regime, scale, signal, symmetry  # noqa: E402,F401  (registration)

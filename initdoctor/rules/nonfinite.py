@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from ..stats import ModelStats
-from . import Finding, Rule, register
+from . import Context, Finding, Rule, register
 
 
 @register
 class NonFinite(Rule):
     code = "ID401"
 
-    def check(self, stats: ModelStats) -> list[Finding]:
+    def judge(self, ctx: Context) -> list[Finding]:
+        stats = ctx.stats
         weights = [lay for lay in stats.layers if lay.weight_nonfinite]
         outputs = [lay for lay in stats.ran() if lay.output_nonfinite]
         grads = [lay for lay in stats.ran() if lay.grad_nonfinite]

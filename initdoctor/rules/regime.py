@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 from .. import thresholds as T
-from ..graph import severity_for_ratio, trends
-from ..schemes import at_prescribed_scale
-from ..stats import ModelStats
-from . import Finding, Rule, register
-from .scale import tanh_depth
+from ..depth import severity_for_ratio
+from . import Context, Finding, Rule, register
 
 
 def _module_paths(hits) -> list[str]:
     """Module paths of the hit activations: the layer they follow, else the module (RNN gates: 'rnn:i')."""
     out: list[str] = []
     for h in hits:
-        name = h[1].layer or h[1].name.split(":")[0]
+        name = h[1].layer or h[1].module
         if name not in out:
             out.append(name)
     return out
@@ -28,7 +25,8 @@ def _worst(sevs: list[str]) -> str:
 class SaturatedActivations(Rule):
     code = "ID301"
 
-    def check(self, stats: ModelStats) -> list[Finding]:
+    def judge(self, ctx: Context) -> list[Finding]:
+        stats = ctx.stats
         hits = []
         for a in stats.activations:
             if a.saturated is None:
@@ -52,8 +50,8 @@ class SaturatedActivations(Rule):
             saturated_units={h[1].name: round(h[3], 4) for h in hits})]
 
 
-def _fired_collapse_or_vanishing(stats: ModelStats) -> bool:
-    for t in trends(stats):
+def _fired_collapse_or_vanishing(ctx: Context) -> bool:
+    for t in ctx.trends:
         if t.metric == "collapse" and severity_for_ratio(t.ratio, T.COLLAPSE_WARN, T.COLLAPSE_ERROR, True):
             return True
         if t.metric in ("gradient", "signal") and severity_for_ratio(t.ratio, T.TREND_WARN, T.TREND_ERROR, True):
@@ -65,16 +63,17 @@ def _fired_collapse_or_vanishing(stats: ModelStats) -> bool:
 class LinearRegime(Rule):
     code = "ID302"
 
-    def check(self, stats: ModelStats) -> list[Finding]:
+    def judge(self, ctx: Context) -> list[Finding]:
+        stats = ctx.stats
         out = []
         for kind, limit in T.LINEAR_STD.items():
             acts = [a for a in stats.activations if a.kind == kind and a.preact_std is not None]
             small = [a for a in acts if a.preact_std < limit]
             if not acts or len(small) < T.LINEAR_LAYER_SHARE * len(acts):
                 continue
-            sev = "warning" if _fired_collapse_or_vanishing(stats) else "info"
+            sev = "warning" if _fired_collapse_or_vanishing(ctx) else "info"
             med = sorted(a.preact_std for a in small)[len(small) // 2]
-            prescribed = _at_prescribed_scale(stats, small)
+            prescribed = _at_prescribed_scale(ctx, small)
             if prescribed:
                 advice = (" The weights already have the prescribed scale: the signal narrows through "
                           f"{kind}'s curvature (its gain is exact only for small inputs)"
@@ -98,17 +97,17 @@ class LinearRegime(Rule):
         return out
 
 
-def _at_prescribed_scale(stats: ModelStats, acts) -> bool:
+def _at_prescribed_scale(ctx: Context, acts) -> bool:
     """Whether every layer feeding these activations is drawn at its prescribed scale."""
-    depth = tanh_depth(stats)
-    return all(a.layer and at_prescribed_scale(stats.layer(a.layer), depth) for a in acts)
+    return all(a.layer and ctx.cure.at_prescribed_scale(ctx.stats.layer(a.layer)) for a in acts)
 
 
 @register
 class DeadUnits(Rule):
     code = "ID303"
 
-    def check(self, stats: ModelStats) -> list[Finding]:
+    def judge(self, ctx: Context) -> list[Finding]:
+        stats = ctx.stats
         hits = []
         for a in stats.activations:
             if a.dead is None:

@@ -5,32 +5,26 @@ from __future__ import annotations
 import math
 
 from .. import thresholds as T
-from ..schemes import looks_default, prescribed_std
-from ..stats import ModelStats
-from . import Finding, Rule, register
-
-
-def tanh_depth(stats: ModelStats) -> int:
-    return sum(1 for a in stats.activations if a.kind in ("tanh", "hardtanh", "softsign"))
+from . import Context, Finding, Rule, register
 
 
 @register
 class InitScaleMismatch(Rule):
     code = "ID501"
 
-    def check(self, stats: ModelStats) -> list[Finding]:
+    def judge(self, ctx: Context) -> list[Finding]:
+        stats = ctx.stats
         off = {}
         default = []
-        depth = tanh_depth(stats)
         for lay in stats.ran():
-            prescribed = prescribed_std(lay, depth)
+            prescribed = ctx.cure.prescribed_std(lay)
             if prescribed is None:
                 continue
             scheme, want = prescribed
             ratio = lay.weight_std / want
             if ratio > T.SCALE_NOTE or ratio < 1.0 / T.SCALE_NOTE:
                 off[lay.name] = {"std": lay.weight_std, "expected": want, "ratio": ratio, "scheme": scheme}
-                if looks_default(lay.weight_std, lay.fan_in):
+                if ctx.cure.looks_default(lay):
                     default.append(lay.name)
         if not off:
             return []

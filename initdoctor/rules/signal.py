@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 from .. import thresholds as T
-from ..graph import Trend, severity_for_ratio, trends
-from ..schemes import at_prescribed_scale, centre_bias, looks_default, recommend, slope_factor
-from ..stats import ModelStats
-from . import Finding, Rule, register
-from .scale import tanh_depth
+from ..depth import Trend, severity_for_ratio
+from . import Context, Cure, Finding, Rule, register
 
 
-def _init_call(scheme: str, gain_: float, lay) -> str:
+def _init_call(scheme: str, gain_: float, lay, cure: Cure) -> str:
     """The torch.nn.init call that draws what the plan prescribes."""
     act, param = lay.activation, lay.activation_param
     if scheme.startswith("kaiming"):
@@ -20,37 +17,41 @@ def _init_call(scheme: str, gain_: float, lay) -> str:
     if scheme == "lecun_normal":
         return "kaiming_normal_(w, nonlinearity='linear')"
     call = f"{scheme}_(w, gain={gain_:.3g})"
-    return call + (" with bias = -0.5 * rowsum(W)" if centre_bias(lay) else "")
+    return call + (" with bias = -0.5 * rowsum(W)" if cure.centre_bias(lay) else "")
 
 
-def _advice(stats: ModelStats, trend: Trend) -> tuple[str, dict]:
+def _advice(ctx: Context, trend: Trend) -> tuple[str, dict]:
     """What the group's weights predict per layer, and the call that fixes them (as the plan does)."""
     # a member from inside the stack: the first layer is often fed by the input, not by its peers
-    lay = stats.layer(trend.layers[len(trend.layers) // 2])
+    lay = ctx.stats.layer(trend.layers[len(trend.layers) // 2])
     ev: dict = {}
     if not (lay.fan_in and lay.weight_std):
         return "", ev
     act, param = lay.activation, lay.activation_param
-    factor = lay.fan_in * lay.weight_std ** 2 * slope_factor(act, param)
+    factor = lay.fan_in * lay.weight_std ** 2 * ctx.cure.slope_factor(act, param)
     ev["predicted_factor_per_layer"] = factor
     frac = f"about 1/{1 / factor:.0f}" if factor < 0.5 else f"{factor:.2g}x"
     passes = (f"keeps about 1/{1 / factor:.0f} of the variance it receives" if factor < 0.5 else
               f"multiplies the variance it receives by about {factor:.2g}")
     text = f" fan_in * Var(W) * slope^2 = {factor:.3g}: each {act or 'linear'} layer {passes} (small inputs)."
-    depth = tanh_depth(stats)
-    if at_prescribed_scale(lay, depth):
+    if lay.parametrization:
+        ev["parametrization"] = lay.parametrization
+        return text + (f" The weights are computed by {lay.parametrization}, which sets their scale: no "
+                       f"initialization can change it; remove the parametrization or rescale what it "
+                       f"feeds."), ev
+    if ctx.cure.at_prescribed_scale(lay):
         text += " The weights already have the prescribed scale"
         if lay.bias_mean is not None and abs(lay.bias_mean) > 0.1:
             text += f"; the biases (mean {lay.bias_mean:.2g}) shift every unit: start them at zero."
         else:
             text += ": the cause is elsewhere (biases, normalization, the architecture)."
         return text, ev
-    if looks_default(lay.weight_std, lay.fan_in):
+    if ctx.cure.looks_default(lay):
         text += (" These are PyTorch's default weights U(+-1/sqrt(fan_in)), which keep "
                  f"{'about a sixth' if act == 'relu' else frac} of the signal per layer.")
         ev["pytorch_default"] = True
-    scheme, g, _, _ = recommend(lay, depth)
-    text += f" Use {_init_call(scheme, g, lay)} (see the plan)."
+    scheme, g, _, _ = ctx.cure.recommend(lay)
+    text += f" Use {_init_call(scheme, g, lay, ctx.cure)} (see the plan)."
     return text, ev
 
 
@@ -70,9 +71,10 @@ class _TrendRule(Rule):
     metrics: tuple[str, ...] = ()
     low = True  # the trouble is a ratio below the band (vanishing) rather than above it
 
-    def check(self, stats: ModelStats) -> list[Finding]:
+    def judge(self, ctx: Context) -> list[Finding]:
+        stats = ctx.stats
         out = []
-        for trend in trends(stats):
+        for trend in ctx.trends:
             if trend.metric not in self.metrics:
                 continue
             warn, err = ((T.COLLAPSE_WARN, T.COLLAPSE_ERROR) if trend.metric == "collapse"
@@ -81,7 +83,7 @@ class _TrendRule(Rule):
             if sev is None:
                 continue
             # behind normalization the init scale is undone: advice on it would mislead (ID204 says why)
-            extra, ev = ("", {}) if trend.normalized else _advice(stats, trend)
+            extra, ev = ("", {}) if trend.normalized else _advice(ctx, trend)
             if trend.metric == "gradient":
                 # weight-gradient RMS relative to weight scale, for reference: it misleads on its own
                 # (Glorot's cancellation keeps it flat in a deep Xavier ReLU net whose G falls 1e9)
@@ -135,8 +137,8 @@ class ExplodingGradients(_TrendRule):
     def describe(self, trend: Trend) -> str:
         return "back-propagated gradients grow toward the input" + (" (G*q, normalized)" if trend.normalized else "")
 
-    def check(self, stats: ModelStats) -> list[Finding]:
-        out = super().check(stats)
+    def judge(self, ctx: Context) -> list[Finding]:
+        out = super().judge(ctx)
         for f in out:
             if f.evidence.get("normalized"):
                 f.message += (" The layers are followed by normalization, which undoes any init scale: "

@@ -8,7 +8,7 @@ identical (weights, gradient, state) to identical updates). 1-D parameters are n
 from __future__ import annotations
 
 from ..stats import ModelStats
-from . import Finding, Rule, register
+from . import Context, Finding, Rule, register
 
 
 def _where(name: str, param: str) -> str:
@@ -21,7 +21,8 @@ def _where(name: str, param: str) -> str:
 class ConstantWeights(Rule):
     code = "ID101"
 
-    def check(self, stats: ModelStats) -> list[Finding]:
+    def judge(self, ctx: Context) -> list[Finding]:
+        stats = ctx.stats
         out = []
         for lay in stats.layers:
             for sym in lay.symmetry:
@@ -35,7 +36,8 @@ class ConstantWeights(Rule):
                 elif sym.grad_constant:
                     sev = "error"
                     why = ("its gradient is " + ("zero" if sym.zero else "constant too")
-                           + ", so every entry receives the same update and it can never move apart")
+                           + ", so every entry receives the same update and it can never move apart"
+                           + (" (see ID103)" if sym.frozen_groups else ""))
                 elif sym.zero and sym.grad_rows_differ:
                     sev, why = "info", "a deliberate zero-init: its gradient rows differ, so it moves on the first step"
                 elif sym.grad_rows_differ:
@@ -55,8 +57,8 @@ class ConstantWeights(Rule):
 def _dups(stats: ModelStats, frozen: bool):
     for lay in stats.layers:
         for sym in lay.symmetry:
-            if not sym.duplicate_groups or (sym.zero and not (frozen and sym.grad_constant is False)):
-                continue  # a zero tensor is ID101's, unless its rows move but move together (ID103)
+            if not sym.duplicate_groups or (sym.zero and not frozen):
+                continue  # a zero tensor is never ID102's: ID101 says it, and ID103 when its rows cannot part
             groups = sym.frozen_groups if frozen else sym.duplicate_groups
             if groups:
                 yield lay, sym, groups
@@ -66,7 +68,8 @@ def _dups(stats: ModelStats, frozen: bool):
 class DuplicateUnits(Rule):
     code = "ID102"
 
-    def check(self, stats: ModelStats) -> list[Finding]:
+    def judge(self, ctx: Context) -> list[Finding]:
+        stats = ctx.stats
         out = []
         for lay, sym, groups in _dups(stats, frozen=False):
             groups = [g for g in groups if g not in sym.frozen_groups]  # those are ID103's
@@ -88,11 +91,21 @@ class DuplicateUnits(Rule):
 class UnbreakableSymmetry(Rule):
     code = "ID103"
 
-    def check(self, stats: ModelStats) -> list[Finding]:
+    def judge(self, ctx: Context) -> list[Finding]:
+        stats = ctx.stats
         out = []
         for lay, sym, groups in _dups(stats, frozen=True):
             n = sum(len(g) for g in groups)
             where = _where(lay.name, sym.param)
+            if sym.zero and sym.grad_constant:
+                out.append(self.finding(
+                    "error", [where],
+                    f"every entry of {where} is zero and so is its gradient: it can never move, and its "
+                    f"{sym.rows} units stay one (a zero layer that feeds a ReLU, or zero query and key "
+                    f"projections, which leave each other's gradient at zero). Draw the weights at random "
+                    f"(see the plan).",
+                    units=sym.rows, frozen_units=n, groups=[g[:16] for g in groups[:8]], zero=True))
+                continue
             out.append(self.finding(
                 "error", [where],
                 f"{n} of {sym.rows} units of {where} are identical and so are their gradients "

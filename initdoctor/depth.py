@@ -1,4 +1,4 @@
-"""Which layers may be compared with which, and the depth trends along them.
+"""Depth: which layers may be compared with which, the trends along them, and how a ratio is judged.
 
 Layers are compared only with layers like them: same class, same weight shape, and the same module
 path once numeric components are replaced (`blocks.3.conv2` -> `blocks.#.conv2`). Across unlike
@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass, field
 
 from . import thresholds as T
+from . import vocab
 from .stats import LayerStats, ModelStats
 
 _NUM = re.compile(r"(?<![^.])\d+(?![^.])")
@@ -30,7 +31,7 @@ def homologous_groups(stats: ModelStats) -> list[list[LayerStats]]:
     """Groups of at least MIN_GROUP comparable layers that ran, each in execution order."""
     groups: dict[tuple, list[LayerStats]] = {}
     for lay in stats.ran():
-        if lay.type in ("Embedding", "EmbeddingBag"):
+        if lay.kind == vocab.EMBEDDING:
             continue  # no fan-in: nothing propagates through them
         groups.setdefault(group_key(lay), []).append(lay)
     return [g for g in groups.values() if len(g) >= T.MIN_GROUP]
@@ -71,17 +72,7 @@ class Trend:
 
 
 def trends(stats: ModelStats) -> list[Trend]:
-    """Every trend of every homologous group; computed once per `run_rules` (the rules share it)."""
-    cached = stats.__dict__.get("_trends")
-    if cached is not None:
-        return cached
-    out = _trends(stats)
-    if "_trends" in stats.__dict__:  # inside run_rules
-        stats.__dict__["_trends"] = out
-    return out
-
-
-def _trends(stats: ModelStats) -> list[Trend]:
+    """Every trend of every homologous group (computed once per examination; the rules share it)."""
     out: list[Trend] = []
     for group in homologous_groups(stats):
         live = [lay for lay in group if lay.weight_rms]  # zero tensors are deliberate or their own finding
@@ -112,3 +103,8 @@ def severity_for_ratio(ratio: float, warn: float, error: float, low: bool) -> st
     if x < warn:
         return "warning"
     return None
+
+
+def tanh_depth(stats: ModelStats) -> int:
+    """How many tanh-like nonlinearities the signal passes (5/3 turns chaotic deep: schemes.deep_tanh_gain)."""
+    return sum(1 for a in stats.activations if a.kind in vocab.TANH_LIKE)

@@ -1,17 +1,18 @@
-"""ID9xx: what the tool could not see or had to assume."""
+"""ID9xx: what the tool could not see or had to assume, and what initialization cannot cure."""
 
 from __future__ import annotations
 
 from .. import thresholds as T
-from ..stats import ModelStats
-from . import Finding, Rule, register
+from .. import vocab
+from . import Context, Finding, Rule, architectural, register
 
 
 @register
 class LayerNotRun(Rule):
     code = "ID901"
 
-    def check(self, stats: ModelStats) -> list[Finding]:
+    def judge(self, ctx: Context) -> list[Finding]:
+        stats = ctx.stats
         idle = [lay.name for lay in stats.layers if lay.index < 0]
         if not idle:
             return []
@@ -23,17 +24,18 @@ class LayerNotRun(Rule):
 class ActivationUnknown(Rule):
     code = "ID902"
 
-    def check(self, stats: ModelStats) -> list[Finding]:
+    def judge(self, ctx: Context) -> list[Finding]:
         return [self.finding("info", [layer], f"the output of {layer} goes into `{op}`, which initdoctor does not "
                              f"know as a nonlinearity; the plan treats it as linear.", op=op)
-                for layer, op in stats.notes]
+                for layer, op in ctx.stats.unknown_ops]
 
 
 @register
 class GradientBlocked(Rule):
     code = "ID903"
 
-    def check(self, stats: ModelStats) -> list[Finding]:
+    def judge(self, ctx: Context) -> list[Finding]:
+        stats = ctx.stats
         if not stats.backward:
             return []
         zeros = [lay for lay in stats.ran() if lay.weight_rms == 0]
@@ -52,7 +54,8 @@ class GradientBlocked(Rule):
 class NoBackward(Rule):
     code = "ID904"
 
-    def check(self, stats: ModelStats) -> list[Finding]:
+    def judge(self, ctx: Context) -> list[Finding]:
+        stats = ctx.stats
         if stats.backward:
             return []
         return [self.finding("info", [], "no backward pass was possible (no trainable parameter reaches the "
@@ -63,11 +66,12 @@ class NoBackward(Rule):
 class RnnInternals(Rule):
     code = "ID905"
 
-    def check(self, stats: ModelStats) -> list[Finding]:
-        rnns = [lay.name for lay in stats.ran() if lay.type in ("LSTM", "GRU", "RNN")]
+    def judge(self, ctx: Context) -> list[Finding]:
+        stats = ctx.stats
+        rnns = [lay.name for lay in stats.ran() if lay.kind == vocab.RECURRENT]
         if not rnns:
             return []
-        rebuilt = {a.name.rsplit(":", 1)[0] for a in stats.activations if a.layer is None and ":" in a.name}
+        rebuilt = {a.module for a in stats.activations if a.gate}
         seen = [n for n in rnns if n in rebuilt]
         unseen = [n for n in rnns if n not in rebuilt]
         msg = "recurrent layers compute their gates inside one fused op."
@@ -84,8 +88,9 @@ class RnnInternals(Rule):
 class DeepPlainStack(Rule):
     code = "ID907"
 
-    def check(self, stats: ModelStats) -> list[Finding]:
-        layers = [lay for lay in stats.ran() if lay.type not in ("Embedding", "EmbeddingBag")]
+    def judge(self, ctx: Context) -> list[Finding]:
+        stats = ctx.stats
+        layers = [lay for lay in stats.ran() if lay.kind != vocab.EMBEDDING]
         if len(layers) < T.PLAIN_DEPTH or stats.residual_adds or any(lay.normalized for lay in layers):
             return []
         return [self.finding(
@@ -96,3 +101,45 @@ class DeepPlainStack(Rule):
             f"rate the shallower nets use). Add residual connections or BatchNorm/LayerNorm, or lower the "
             f"learning rate.",
             depth=len(layers))]
+
+
+@register
+class InitCannotCure(Rule):
+    code = "ID906"
+    concludes = True
+
+    def judge(self, ctx: Context) -> list[Finding]:
+        if ctx.outcome is None:
+            return []
+        arch = architectural(ctx.findings)
+        remaining = [f for f in ctx.findings if f.fired and f.code.startswith(("ID2", "ID3"))]
+        if not (arch or (remaining and not ctx.outcome.cured)):
+            return []
+        why = arch or remaining
+        order = {lay.name: lay.index for lay in ctx.stats.layers}
+        names = sorted({n for f in why for n in f.layers}, key=lambda n: order.get(n, 1 << 30))
+        codes = sorted({f.code for f in why})
+        return [self.finding("info", names[:8], "initialization alone cannot cure " + ", ".join(codes) + ": "
+                             + _what_it_lacks(ctx, names, bool(arch)), remaining=codes)]
+
+
+def _what_it_lacks(ctx: Context, names: list[str], arch: bool) -> str:
+    """The architectural change to name, from what the network has and has not."""
+    layers = [lay for lay in ctx.stats.layers if lay.name in names]
+    fixed = sorted({lay.parametrization for lay in layers if lay.parametrization})
+    if fixed:
+        return (f"the weights are computed by {', '.join(fixed)}, which sets their scale whatever they "
+                f"start from; remove the parametrization, or rescale the layers' outputs (a gain after "
+                f"each layer).")
+    if arch:
+        return ("the layers are followed by normalization, which undoes any init scale, yet gradients still "
+                "grow through the plain stack; add residual connections (or use fewer layers).")
+    ran = ctx.stats.ran()
+    lacks = []
+    if not any(lay.normalized for lay in ran) and not ctx.stats.norms:
+        lacks.append("normalization (BatchNorm/LayerNorm)")
+    if not ctx.stats.residual_adds:
+        lacks.append("residual connections")
+    if lacks:
+        return "the network has no " + " and no ".join(lacks) + "; add them, or use another activation."
+    return "it already has normalization and residual connections; try another activation or fewer layers."

@@ -1,0 +1,238 @@
+"""Which weight layer feeds which nonlinearity, by tensor identity (DESIGN's "graph").
+
+Module hooks cannot see `torch.relu(x)` or `x.sigmoid()` inside a `forward`, yet the prescription
+depends on exactly that. The probe's function mode reports every torch function call here; `Graph`
+follows each tensor back to the weight layers it derives from (through reshapes, additions, pooling,
+dropout and norms) and records what consumes it: a nonlinearity, another weight op, a linear
+consumer, a norm, or something unknown.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import weakref
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+# --- what the functional calls mean ---------------------------------------------------------
+# name of the torch function (trailing underscores stripped) -> activation kind
+ACTIVATIONS = {
+    "relu": "relu", "relu6": "relu", "threshold": "relu",
+    "leaky_relu": "leaky_relu", "prelu": "leaky_relu", "rrelu": "leaky_relu",
+    "elu": "elu", "celu": "elu", "selu": "selu",
+    "gelu": "gelu", "silu": "silu", "mish": "silu", "hardswish": "silu", "softplus": "softplus",
+    "sigmoid": "sigmoid", "hardsigmoid": "sigmoid",
+    "tanh": "tanh", "hardtanh": "hardtanh", "softsign": "softsign",
+}
+WEIGHT_OPS = {
+    "linear", "bilinear", "conv1d", "conv2d", "conv3d", "conv_transpose1d", "conv_transpose2d",
+    "conv_transpose3d", "embedding", "embedding_bag", "multi_head_attention_forward",
+    "gru", "lstm", "rnn_tanh", "rnn_relu",
+}
+# Consumers that are linear in the sourced tensor: the layer before them has no nonlinearity.
+LINEAR_CONSUMERS = {"matmul", "bmm", "mm", "einsum", "baddbmm", "scaled_dot_product_attention",
+                    "softmax", "log_softmax", "cross_entropy", "mse_loss", "nll_loss"}
+DROPOUTS = {"dropout", "alpha_dropout", "feature_alpha_dropout", "dropout1d", "dropout2d", "dropout3d"}
+NORMS = {"batch_norm", "layer_norm", "group_norm", "instance_norm", "rms_norm", "local_response_norm"}
+PASSTHROUGH = {
+    "view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "transpose", "permute",
+    "contiguous", "clone", "to", "float", "double", "half", "bfloat16", "type", "type_as", "get",
+    "add", "iadd", "radd", "sub", "isub", "rsub", "mul", "imul", "rmul", "div", "idiv", "truediv",
+    "itruediv", "neg", "mean", "sum", "max_pool1d", "max_pool2d", "max_pool3d", "avg_pool1d",
+    "avg_pool2d", "avg_pool3d", "adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d",
+    "adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d", "max_pool2d_with_indices",
+    "getitem", "select", "narrow", "expand", "expand_as", "repeat", "pad", "interpolate", "cat",
+    "stack", "chunk", "split", "unbind", "detach", "roll", "movedim", "swapaxes", "T", "mT",
+    "pixel_shuffle", "upsample", "fold", "unfold", "masked_fill", "where", "concat", "concatenate",
+}
+IGNORED = {"register_hook", "size", "dim", "numel", "is_floating_point"}
+
+
+def function_name(func: Any) -> str:
+    """A torch function's name with Python's dunder and in-place underscores stripped."""
+    name = getattr(func, "__name__", "") or ""
+    return name.strip("_")
+
+
+def tensors(x: Any) -> Iterator[torch.Tensor]:
+    """Every tensor in a nested value: tensors, sequences, dicts, dataclasses, objects like ModelOutput."""
+    if isinstance(x, torch.Tensor):
+        yield x
+    elif isinstance(x, dict):
+        for v in x.values():
+            yield from tensors(v)
+    elif isinstance(x, (list, tuple)):
+        for v in x:
+            yield from tensors(v)
+    elif dataclasses.is_dataclass(x) and not isinstance(x, type):
+        for f in dataclasses.fields(x):
+            yield from tensors(getattr(x, f.name))
+
+
+def first_tensor(x: Any) -> torch.Tensor | None:
+    for t in tensors(x):
+        return t
+    return None
+
+
+class Lineage:
+    """Which weight layers a tensor derives from, and which nonlinearity produced it, by identity."""
+
+    def __init__(self) -> None:
+        self._d: dict[int, tuple[weakref.ref, frozenset[str], str | None]] = {}
+
+    def get(self, t: Any) -> tuple[frozenset[str], str | None]:
+        if not isinstance(t, torch.Tensor):
+            return frozenset(), None
+        e = self._d.get(id(t))
+        if e is None or e[0]() is not t:
+            return frozenset(), None
+        return e[1], e[2]
+
+    def set(self, t: Any, sources: frozenset[str], act: str | None) -> None:
+        if not isinstance(t, torch.Tensor) or (not sources and act is None):
+            return
+        key = id(t)
+        try:
+            ref = weakref.ref(t, lambda _r, k=key, d=self._d: d.pop(k, None))
+        except TypeError:
+            return
+        self._d[key] = (ref, sources, act)
+
+    def clear(self) -> None:
+        self._d.clear()
+
+
+@dataclasses.dataclass
+class Follows:
+    """What follows a weight layer: the nonlinearity kind, its parameter, and the activation record."""
+
+    kind: str  # a vocab activation family, "identity" or "unknown"
+    param: float | None = None  # leaky_relu's negative slope
+    record: str | None = None  # the ActivationStats name that measures it
+
+
+@dataclasses.dataclass
+class ActivationCall:
+    """One nonlinearity applied to a tensor: what the probe accumulates statistics of."""
+
+    record: str  # the name it is measured under (a module path, or "<layer>:<function>")
+    module: str  # the module path it belongs to (the activation module, else the layer it follows)
+    kind: str
+    layer: str | None  # the weight layer whose output it consumes
+    x: Any  # the nonlinearity's input
+    out: torch.Tensor
+
+
+class Graph:
+    """The structure seen in one forward pass (reset per pass)."""
+
+    def __init__(self, weight_layers: set[str], leaf_activations: set[str]) -> None:
+        self.weight_layers = weight_layers
+        # modules with no children and no weights: a nonlinearity called inside one is that module
+        self.leaf_activations = leaf_activations
+        self.lineage = Lineage()
+        self.reset()
+
+    def reset(self) -> None:
+        self.follows: dict[str, Follows] = {}  # weight layer -> what consumes its output first
+        self.fed_by: dict[str, str] = {}  # weight layer -> the nonlinearity that feeds it ("input", "other")
+        self.normalized: set[str] = set()  # weight layers whose output a norm consumes
+        self.outputs: set[str] = set()  # weight layers whose output is the model's
+        self.unknown: dict[str, str] = {}  # weight layer -> the unknown op its output goes into
+        self.transposed: set[str] = set()  # weight layers whose weight the model multiplies from the right
+        self.residual_adds = 0  # additions of two signals of the network (skip connections)
+        self._record_layer: dict[str, str | None] = {}  # activation record -> the layer it follows
+        self.lineage.clear()
+
+    def mark_inputs(self, inputs: Any) -> None:
+        for t in tensors(inputs):
+            self.lineage.set(t, frozenset(), "input")
+
+    def mark_outputs(self, output: Any) -> None:
+        for t in tensors(output):
+            for s in self.lineage.get(t)[0]:
+                self.outputs.add(s)
+                self.follows.setdefault(s, Follows("identity"))
+
+    def layer_output(self, layer: str, y: torch.Tensor) -> None:
+        self.lineage.set(y, frozenset([layer]), None)
+
+    def _linear(self, sources: frozenset[str]) -> None:
+        for s in sources:
+            self.follows.setdefault(s, Follows("identity"))
+
+    def on_function(self, name: str, args: tuple, kwargs: dict, out: Any, inner: str | None) -> ActivationCall | None:
+        """Follow one function call; `inner` is the innermost module running. Returns a nonlinearity
+        call to measure, if it is one."""
+        if name in IGNORED:
+            return None
+        x = args[0] if args else kwargs.get("input")
+        if isinstance(x, (list, tuple)):
+            srcs: frozenset[str] = frozenset()
+            act = None
+            for t in x:
+                s, a = self.lineage.get(t)
+                srcs |= s
+                act = act or a
+        else:
+            srcs, act = self.lineage.get(x)
+        if name in ACTIVATIONS:
+            return self._activation(ACTIVATIONS[name], name, args, kwargs, x, out, srcs, inner)
+        if name in WEIGHT_OPS:
+            self._linear(srcs)
+            if inner in self.weight_layers and inner not in self.fed_by:
+                self.fed_by[inner] = act or "other"
+            return None
+        if name in LINEAR_CONSUMERS:
+            self._linear(srcs)
+            return None
+        if name in NORMS:
+            self.normalized.update(s for s in srcs if s not in self.follows)
+        if name in PASSTHROUGH or name in NORMS or name in DROPOUTS:
+            if isinstance(x, torch.Tensor) and isinstance(out, torch.Tensor):
+                if name in ("add", "iadd", "radd") and len(args) > 1 and (srcs or act):
+                    other = self.lineage.get(args[1])
+                    if (other[0] or other[1]) and isinstance(args[1], torch.Tensor) and args[1].shape == x.shape:
+                        self.residual_adds += 1  # two signals of the network meet: a skip connection
+                for t in args[1:]:
+                    s2, a2 = self.lineage.get(t)
+                    srcs |= s2
+                    act = act or a2
+            for t in tensors(out):
+                self.lineage.set(t, srcs, act)
+            return None
+        if srcs and isinstance(out, torch.Tensor):
+            for s in srcs:
+                if s not in self.follows:
+                    self.follows[s] = Follows("unknown")
+                    self.unknown[s] = name
+        return None
+
+    def _activation(self, kind, fname, args, kwargs, x, out, srcs, inner) -> ActivationCall | None:
+        if not isinstance(out, torch.Tensor) or not out.is_floating_point():
+            return None
+        param = None
+        if kind == "leaky_relu":
+            if fname == "prelu":
+                w = args[1] if len(args) > 1 else kwargs.get("weight")
+                param = float(w.detach().float().mean()) if isinstance(w, torch.Tensor) else 0.25
+            else:
+                param = args[1] if len(args) > 1 and isinstance(args[1], (int, float)) else kwargs.get(
+                    "negative_slope", 0.01)
+                param = float(param) if fname != "rrelu" else 0.5 * (1 / 8 + 1 / 3)
+        src = min(srcs) if srcs else None
+        if inner is not None and inner in self.leaf_activations:
+            record = module = inner
+            if record in self._record_layer and self._record_layer[record] != src:
+                record = f"{inner}@{src}"  # one activation module shared by several layers
+        else:
+            module = src or inner or "input"
+            record = f"{module}:{fname}"
+        self._record_layer.setdefault(record, src)
+        for s in srcs:
+            self.follows.setdefault(s, Follows(kind, param, record))
+        self.lineage.set(out, frozenset(), kind)
+        return ActivationCall(record, module, kind, src, x, out)

@@ -1,0 +1,64 @@
+"""lineage.py: which weight layer feeds which nonlinearity, followed by tensor identity."""
+
+from __future__ import annotations
+
+import torch
+
+from initdoctor.lineage import Graph
+
+
+def _graph(*layers: str, leaves: tuple[str, ...] = ()) -> Graph:
+    return Graph(set(layers), set(leaves))
+
+
+def test_a_functional_nonlinearity_is_attributed_through_reshapes():
+    g = _graph("fc")
+    y = torch.randn(4, 6)
+    g.layer_output("fc", y)
+    v = y.view(4, 2, 3)
+    assert g.on_function("view", (y, 4, 2, 3), {}, v, inner=None) is None
+    out = torch.tanh(v)
+    call = g.on_function("tanh", (v,), {}, out, inner=None)
+    assert call is not None and call.kind == "tanh" and call.layer == "fc"
+    assert call.record == "fc:tanh" and call.module == "fc"
+    assert g.follows["fc"].kind == "tanh" and g.follows["fc"].record == "fc:tanh"
+
+
+def test_leaky_slope_and_an_activation_module():
+    g = _graph("fc", leaves=("act",))
+    y = torch.randn(3, 5)
+    g.layer_output("fc", y)
+    call = g.on_function("leaky_relu", (y, 0.2), {}, torch.nn.functional.leaky_relu(y, 0.2), inner="act")
+    assert call.record == "act" and call.module == "act"
+    assert g.follows["fc"].kind == "leaky_relu" and g.follows["fc"].param == 0.2
+
+
+def test_a_weight_op_learns_what_feeds_it():
+    g = _graph("a", "b")
+    y = torch.randn(2, 4)
+    g.layer_output("a", y)
+    h = torch.sigmoid(y)
+    g.on_function("sigmoid", (y,), {}, h, inner=None)
+    g.on_function("linear", (h, torch.randn(3, 4)), {}, torch.randn(2, 3), inner="b")
+    assert g.fed_by["b"] == "sigmoid"
+
+
+def test_norms_residuals_and_unknown_consumers():
+    g = _graph("a", "b", "c")
+    ya, yb, yc = torch.randn(2, 4), torch.randn(2, 4), torch.randn(2, 4)
+    for name, y in (("a", ya), ("b", yb), ("c", yc)):
+        g.layer_output(name, y)
+    g.on_function("layer_norm", (ya, (4,)), {}, torch.randn(2, 4), inner=None)
+    assert "a" in g.normalized
+    g.on_function("add", (yb, yc), {}, yb + yc, inner=None)
+    assert g.residual_adds == 1
+    g.on_function("cumsum", (yc, 0), {}, yc.cumsum(0), inner=None)
+    assert g.unknown == {"c": "cumsum"} and g.follows["c"].kind == "unknown"
+
+
+def test_model_outputs_are_identity():
+    g = _graph("head")
+    y = torch.randn(2, 3)
+    g.layer_output("head", y)
+    g.mark_outputs({"logits": y})
+    assert g.outputs == {"head"} and g.follows["head"].kind == "identity"

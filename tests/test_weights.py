@@ -1,0 +1,106 @@
+"""weights.py: a layer's kind, fans and unit rows, read from what its weight does."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from initdoctor import vocab
+from initdoctor.weights import (
+    duplicate_groups,
+    fans,
+    is_weight_layer,
+    kind,
+    main_weight,
+    symmetry_of,
+    weight_rows,
+)
+
+
+@pytest.mark.parametrize("module, expected_kind, expected_fans", [
+    (nn.Linear(5, 7), vocab.LINEAR, (5, 7)),
+    (nn.Conv2d(3, 8, 3), vocab.CONV, (27, 72)),
+    (nn.ConvTranspose2d(3, 8, 3), vocab.CONV_TRANSPOSE, (27, 72)),  # weight stores (in, out): fans swapped back
+    (nn.Embedding(10, 4), vocab.EMBEDDING, (None, 4)),
+    (nn.LSTM(6, 9), vocab.RECURRENT, (6, 9)),
+    (nn.MultiheadAttention(8, 2), vocab.ATTENTION, (8, 8)),
+])
+def test_kind_and_forward_fans(module, expected_kind, expected_fans):
+    assert is_weight_layer(module)
+    assert kind(module) == expected_kind
+    assert fans(module) == expected_fans
+
+
+def test_norm_layers_and_vectors_are_not_weight_layers():
+    assert not is_weight_layer(nn.LayerNorm((4, 4)))  # a 2-D weight, but no units to tell apart
+    assert not is_weight_layer(nn.BatchNorm1d(4))
+    assert not is_weight_layer(nn.ReLU())
+
+
+def test_main_weight_of_packed_layers():
+    mha = nn.MultiheadAttention(8, 2)
+    assert main_weight(mha) is mha.in_proj_weight
+    lstm = nn.LSTM(6, 9)
+    assert main_weight(lstm) is lstm.weight_ih_l0
+
+
+def test_rows_are_output_units_for_transposed_convolutions():
+    m = nn.ConvTranspose1d(4, 6, 3)
+    ((label, rows, grows),) = list(weight_rows(m, None))
+    assert label == "weight" and grows is None
+    assert tuple(rows.w.shape) == (6, 4 * 3)  # one row per output channel
+    assert rows.b is not None and rows.b.shape == (6,)
+
+
+def test_attention_rows_per_projection():
+    mha = nn.MultiheadAttention(8, 2)
+    labels = [label for label, _, _ in weight_rows(mha, None)]
+    assert labels == ["in_proj_weight[q]", "in_proj_weight[k]", "in_proj_weight[v]"]
+
+
+def test_duplicate_groups_finds_twins_and_ignores_near_misses():
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(10, 6, generator=gen)
+    w[7] = w[2]
+    w[9] = w[2]
+    w[4] = w[1] + 1e-3  # far beyond 1e-5 of the largest row norm
+    assert duplicate_groups(w, 1e-5) == [[2, 7, 9]]
+
+
+def test_symmetry_of_a_zero_tensor_and_its_gradient():
+    m = nn.Linear(4, 3)
+    with torch.no_grad():
+        m.weight.zero_()
+        m.bias.zero_()
+    grads = {id(m.weight): torch.zeros(3, 4), id(m.bias): torch.zeros(3)}
+    ((label, rows, grows),) = list(weight_rows(m, grads))
+    sym = symmetry_of(label, rows, grows, 1e-5)
+    assert sym.zero and sym.constant and sym.grad_constant
+    assert sym.duplicate_groups == [[0, 1, 2]] and sym.frozen_groups == [[0, 1, 2]]
+
+
+def test_screened_symmetry_equals_one_by_one():
+    """symmetry_all screens same-shape matrices together; every result must equal symmetry_of's."""
+    from initdoctor.weights import Rows, symmetry_all
+
+    gen = torch.Generator().manual_seed(0)
+    items = []
+    for case in range(8):
+        w, b = torch.randn(12, 5, generator=gen), torch.randn(12, generator=gen)
+        gw, gb = torch.randn(12, 5, generator=gen), torch.randn(12, generator=gen)
+        if case == 1:  # twins with equal gradients
+            w[3], b[3], gw[3], gb[3] = w[0], b[0], gw[0], gb[0]
+        if case == 2:  # constant weights
+            w.fill_(0.3)
+        if case == 3:  # zero gradient
+            gw.zero_()
+            gb.zero_()
+        if case == 4:  # twins whose gradients differ
+            w[5], b[5] = w[7], b[7]
+        items.append((f"w{case}", Rows.of(w, b), Rows.of(gw, gb), 1e-5))
+    items.append(("alone", Rows.of(torch.randn(4, 3, generator=gen)), None, 1e-5))
+    fast = symmetry_all(items)
+    slow = [symmetry_of(*it) for it in items]
+    assert fast == slow
+    assert fast[1].frozen_groups == [[0, 3]] and fast[4].duplicate_groups == [[5, 7]] and fast[2].constant
