@@ -127,7 +127,7 @@ function depthProfile(d) {
   const n = Math.max(names.length, 1);
   const W = 760, left = 56, right = 190, top = 28, plotH = 240;
   const track = fired.length ? 16 * fired.length + 12 : 0;
-  const labelH = Math.min(130, 8 + 6.5 * Math.max(...names.map((s) => s.length), 1));
+  const labelH = Math.min(130, 14 + 5 * Math.max(...names.map((s) => s.length), 1));
   const H = top + plotH + track + labelH + 10;
   const pw = W - left - right;
   const x = (i) => left + (n === 1 ? pw / 2 : (i * pw) / (n - 1));
@@ -180,10 +180,14 @@ function depthProfile(d) {
       root.append(m);
     }
   });
+  // names lie flat where they fit between the points, and slant where they would overlap
+  const longest = Math.max(...names.map((s) => s.length), 1);
+  const flat = 6.5 * longest + 6 < (n === 1 ? pw : pw / (n - 1));
   names.forEach((nm, i) => {
-    const ly = top + plotH + track + 12;
-    root.append(svg('text', {x: x(i), y: ly, class: 'layer-name', transform: `rotate(-50 ${x(i)} ${ly})`,
-                             'text-anchor': 'end'}, nm));
+    const ly = top + plotH + track + 14;
+    root.append(svg('text', flat ? {x: x(i), y: ly, class: 'layer-name', 'text-anchor': 'middle'}
+                                 : {x: x(i), y: ly, class: 'layer-name', transform: `rotate(-50 ${x(i)} ${ly})`,
+                                    'text-anchor': 'end'}, nm));
   });
   return el('section', {class: 'profile'}, el('h3', {}, 'Depth profile'), root);
 }
