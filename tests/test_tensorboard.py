@@ -307,3 +307,33 @@ def test_figures_are_titled_with_step_and_role(monkeypatch):
     assert titles[1].endswith("step 40")
     # large enough to read at page width: at least 1000 pixels wide
     assert all(tag == "initdoctor.depth_profile" and shape[1] >= 1000 for tag, shape, _ in images)
+
+
+def test_loader_keeps_more_steps_unless_told(tmp_path):
+    import argparse
+
+    from initdoctor.tensorboard_plugin.plugin import KEEP_STEPS, InitDoctorLoader
+
+    flags = argparse.Namespace(samples_per_plugin={})
+    InitDoctorLoader().fix_flags(flags)
+    assert flags.samples_per_plugin == {PLUGIN_NAME: KEEP_STEPS} and KEEP_STEPS > 10
+    flags = argparse.Namespace(samples_per_plugin={PLUGIN_NAME: 5})
+    InitDoctorLoader().fix_flags(flags)
+    assert flags.samples_per_plugin == {PLUGIN_NAME: 5}
+
+
+def test_tensorboard_serves_every_sampled_step_of_a_long_run(tmp_path):
+    # 12 samples: more than the 10 TensorBoard keeps of a plugin's data unless the plugin asks
+    from tests.tensorboard_server import get, serve
+
+    model = tanh_mlp(depth=2, width=8)
+    with initdoctor.watch(model, log_dir=str(tmp_path / "runs" / "long"), every=1, histograms=False,
+                          warn=False) as doctor:
+        train(model, 12, doctor)
+    with serve(tmp_path / "runs", runs=1) as url:
+        listing = json.loads(get(f"{url}/data/plugins_listing"))
+        assert listing[PLUGIN_NAME]["enabled"] is True  # found through the entry point
+        runs = json.loads(get(f"{url}/data/plugin/initdoctor/runs"))["runs"]
+        assert runs["long"]["steps"] == list(range(12))
+        history = json.loads(get(f"{url}/data/plugin/initdoctor/history?run=long"))
+        assert history["steps"] == list(range(12)) and history["layers"] == ["0", "2", "4"]

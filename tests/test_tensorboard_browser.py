@@ -11,15 +11,12 @@ import importlib.util
 import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 import warnings
 from pathlib import Path
 
 import pytest
+
+from tests.tensorboard_server import get, serve
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -28,17 +25,6 @@ if CHROMIUM is None:
                 "is skipped", allow_module_level=True)
 sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e '.[dev]')")
 pytest.importorskip("sklearn")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _get(url: str) -> bytes:
-    with urllib.request.urlopen(url, timeout=10) as r:
-        return r.read()
 
 
 def _write_runs(log_dir: Path) -> None:
@@ -59,34 +45,8 @@ def _write_runs(log_dir: Path) -> None:
 def server(tmp_path_factory):
     log_dir = tmp_path_factory.mktemp("runs")
     _write_runs(log_dir)
-    port = _free_port()
-    log = open(log_dir.parent / "tensorboard.log", "w")  # noqa: SIM115 - closed at teardown
-    proc = subprocess.Popen([sys.executable, "-m", "tensorboard.main", "--logdir", str(log_dir), "--host",
-                             "127.0.0.1", "--port", str(port), "--reload_interval", "0"],
-                            stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                runs = json.loads(_get(f"{url}/data/plugin/initdoctor/runs"))["runs"]
-                if len(runs) == 4:
-                    break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                log.flush()
-                pytest.fail("TensorBoard did not serve the runs:\n" + (log_dir.parent / "tensorboard.log").read_text())
-            time.sleep(0.5)
+    with serve(log_dir, runs=4) as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +80,7 @@ def _screenshot(target, name: str) -> None:
 
 
 def test_plugin_is_listed(server):
-    listing = json.loads(_get(f"{server}/data/plugins_listing"))
+    listing = json.loads(get(f"{server}/data/plugins_listing"))
     assert listing["initdoctor"]["enabled"] is True
     assert listing["initdoctor"]["loading_mechanism"] == {"type": "IFRAME",
                                                          "module_path": "/data/plugin/initdoctor/index.js"}

@@ -21,9 +21,12 @@ from .metadata import DIAGNOSIS_TAG, PLUGIN_NAME
 
 # The frontend's files and their content types; nothing else is served from static/.
 STATIC = {"index.js": "text/javascript", "style.css": "text/css"}
-# Ask the data provider for every stored step: TensorBoard keeps 10 per run unless started with
-# --samples_per_plugin initdoctor=0 (the docs say so).
+# Ask the data provider for every stored step.
 ALL_STEPS = 1_000_000
+# How many sampled steps TensorBoard keeps per run (its default for a plugin's tensors is 10, too few
+# for the layers x steps view); the latest is always kept. --samples_per_plugin initdoctor=N overrides.
+# A diagnosis is 15-175 KB of JSON for 8-128 layers, so 1000 steps stay within a few hundred MB.
+KEEP_STEPS = 1000
 # What the layers x steps heatmap shows, by LayerStats key.
 HISTORY_KEYS = ("signal", "grad_q", "saturated", "dead")
 
@@ -32,6 +35,18 @@ def _band() -> list[float]:
     from .. import thresholds as T
 
     return [T.TREND_WARN, 1 / T.TREND_WARN]
+
+
+class InitDoctorLoader(base_plugin.TBLoader):
+    """What the `tensorboard_plugins` entry point names: keeps more sampled steps, then loads the tab."""
+
+    def fix_flags(self, flags) -> None:
+        keep = getattr(flags, "samples_per_plugin", None)
+        if isinstance(keep, dict):
+            keep.setdefault(PLUGIN_NAME, KEEP_STEPS)
+
+    def load(self, context: base_plugin.TBContext) -> InitDoctorPlugin:
+        return InitDoctorPlugin(context)
 
 
 def _fixes() -> dict[str, str]:
