@@ -138,7 +138,9 @@ function depthProfile(d) {
                   'ratio to the first layer, log scale' + (d.after ? ' — solid: before, dashed: after --fix' : '')));
   root.append(svg('rect', {x: left, y: y(Math.log10(BAND[1])), width: pw,
                            height: y(Math.log10(BAND[0])) - y(Math.log10(BAND[1])), fill: COLORS.band}));
+  const every = Math.max(1, Math.ceil((hi - lo) / 10));  // at most ~10 labelled decades
   for (let e = lo; e <= hi; e++) {
+    if (e % every !== 0) continue;
     root.append(svg('line', {x1: left, x2: left + pw, y1: y(e), y2: y(e), class: e === 0 ? 'axis-one' : 'grid'}));
     root.append(svg('text', {x: left - 6, y: y(e) + 4, class: 'tick', 'text-anchor': 'end'}, `1e${e}`));
   }
