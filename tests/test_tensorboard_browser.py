@@ -109,6 +109,8 @@ def test_tab_shows_the_sick_runs_findings_layers_and_charts(tab):
     assert sick.locator("svg.depth-profile circle.point.signal").count() == 11
     assert sick.locator("svg.depth-profile circle.point.gradient").count() == 11
     assert sick.locator("svg.depth-profile rect.mark.error").count() >= 10  # ID203 marked where it fires
+    # 16 decades on the axis, at most ~10 of them labelled so that they stay readable
+    assert 4 <= sick.locator("svg.depth-profile text.tick").count() <= 11
     # the heatmap: 11 layers x 3 sampled steps per panel
     assert sick.locator("svg.heatmap-signal rect.cell").count() == 33
     assert sick.locator("svg.heatmap-grad_q rect.cell").count() == 33
