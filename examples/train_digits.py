@@ -76,8 +76,13 @@ def _init(model: nn.Sequential, weight: Callable[[torch.Tensor], object]) -> nn.
     return model
 
 
-def relu16_default(width: int) -> nn.Module:
-    return mlp(16, width, nn.ReLU)  # PyTorch's default: U(+-1/sqrt(fan_in)), a sixth of He's variance
+def relu12_default(width: int) -> nn.Module:
+    # PyTorch's default: U(+-1/sqrt(fan_in)), a sixth of He's variance. 12 layers, not more: with He
+    # a 16-layer plain stack is already at the edge of stability at LR (over seeds 0-4 at 300 steps
+    # one run diverged to NaN and one ended at 0.68, and scaling its weights by 1 +- 1e-7 moved that
+    # 0.68 to 0.93-0.94); at 12 layers the fixed twin lands at 0.94-0.97 (0.93-0.97 at 400 steps),
+    # perturbed or not.
+    return mlp(12, width, nn.ReLU)
 
 
 def relu6_normal(width: int) -> nn.Module:
@@ -102,14 +107,14 @@ def relu30_plain(width: int) -> nn.Module:
 
 # name -> (description, builder, demonstration-only: exempt from the accuracy goal)
 MODELS: dict[str, tuple[str, Callable[[int], nn.Module], bool]] = {
-    "relu16_default": ("16-layer ReLU, PyTorch default init", relu16_default, False),
+    "relu12_default": ("12-layer ReLU, PyTorch default init", relu12_default, False),
     "relu6_normal": ("6-layer ReLU, N(0, 1)", relu6_normal, False),
     "tanh10_uniform": ("10-layer tanh, U(-0.1, 0.1)", tanh10_uniform, False),
     "sigmoid10_xavier": ("10-layer sigmoid, Xavier gain 1", sigmoid10_xavier, False),
     "tanh3_constant": ("3-layer tanh, constant 0.05", tanh3_constant, False),
     "relu30_plain": ("30-layer plain ReLU (He after fix)", relu30_plain, True),
 }
-QUICK = ("relu16_default", "sigmoid10_xavier")
+QUICK = ("relu12_default", "sigmoid10_xavier")
 
 
 # --- training ---------------------------------------------------------------------------------

@@ -65,6 +65,7 @@ REDUCTIONS = {
     "wmax": Reduce.MAX,  # largest |w| of a layer's weight (over shards too)
     "gw": Reduce.FIRST,  # [sum of squares, count] of a layer's weight gradient
     "values": Reduce.FIRST, "wvalues": Reduce.FIRST,  # a few values for histograms
+    "stream": Reduce.SUM,  # a stream norm's [sum_r |g_r|^2 q_r, sum_r |g_r|^2] (rows r of its input)
 }
 MOMENT_PARTS = ("n", "mean", "m2")
 
@@ -183,6 +184,8 @@ class Accumulators:
         self.acts: dict[str, ActAcc] = {}
         self.values: dict[str, torch.Tensor] = {}
         self.out_bad: list[torch.Tensor] = []
+        self.stream_rows: dict[int, torch.Tensor] = {}  # per-row second moment of a stream norm's input
+        self.stream: dict[int, torch.Tensor] = {}  # its gradient-weighted [sum |g|^2 q, sum |g|^2]
 
     def called(self, layer: str) -> None:
         if layer not in self.calls:
@@ -198,6 +201,16 @@ class Accumulators:
 
     def gradient(self, layer: str, g: torch.Tensor, ud: int) -> None:
         self.grad[layer] = self.grad.get(layer, Moments()).merge(Moments.over(g, ud))
+
+    def stream_input(self, index: int, x: torch.Tensor) -> None:
+        self.stream_rows[index] = as_float(x.detach()).square().mean(-1)
+
+    def stream_gradient(self, index: int, g: torch.Tensor) -> None:
+        """The stream's scale as the gradient sees it: rows weighted by |dL/dx_row|^2, so rows that the
+        loss barely reaches (a class token's neighbours, padding) do not set it."""
+        gr = as_float(g.detach()).square().sum(-1)
+        v = torch.stack([(gr * self.stream_rows[index]).sum().double(), gr.sum().double()])
+        self.stream[index] = v if index not in self.stream else self.stream[index] + v
 
     def model_output(self, t: torch.Tensor) -> None:
         if t.is_floating_point():
@@ -277,6 +290,8 @@ class Accumulators:
             b = m._parameters.get("bias")
             if isinstance(b, torch.Tensor) and b.numel():
                 items.append((Key("b", name, sharded=sharded(b)), weight_vec(local(b))))
+        for index, v in self.stream.items():
+            items.append((Key("stream", str(index)), v))
         for name, t in self.values.items():
             items.append((Key("values", name), t))
             w = main_weight(layers[name]) if name in layers else None
@@ -385,6 +400,10 @@ def _layer_stats(name, m, order, graph: Graph, acc: Accumulators, host) -> Layer
         lay.activation, lay.activation_param, lay.activation_module = follows.kind, follows.param, follows.record
     elif lay.index >= 0:
         lay.activation = "identity"
+    norm = graph.stream_norm_of(name)
+    if norm is not None and Key("stream", str(norm)) in host:
+        num, den = host[Key("stream", str(norm))].tolist()
+        lay.stream_q = num / den if den > 0 and math.isfinite(num / den) else None
     lay.fed_by = graph.fed_by.get(name)
     if lay.fed_by is None and lay.index >= 0 and lay.kind == vocab.ATTENTION:
         lay.fed_by = "other"

@@ -49,8 +49,12 @@ class Trend:
     layers: list[str]
     values: list[float]
     ratio: float  # last/first for signal and collapse, first/last for gradient (toward the input)
-    normalized: bool = False
+    normalized: bool = False  # gradient compared as G*q: a norm rescales it
     notes: list[str] = field(default_factory=list)
+    relative_to: str = ""  # "output": q of the layer's own output (a norm follows it); "stream": of the
+    # stream its branch writes into (the next norm over the last dim, pre-norm transformers)
+    raw_ratio: float | None = None  # gradient: G first/last before relating it to any scale
+    stream_rms: tuple[float, float] | None = None  # "stream": its RMS at the first and the last layer
 
     @property
     def steps(self) -> int:
@@ -84,13 +88,26 @@ def trends(stats: ModelStats) -> list[Trend]:
             if len(col) >= T.MIN_GROUP:
                 r = [lay.r for lay in col]
                 out.append(Trend("collapse", [lay.name for lay in col], r, r[-1] / r[0]))
-        # A norm layer after a layer rescales its delta by 1/sqrt(q): compare G*q there.
-        normalized = all(lay.normalized for lay in live)
-        grad = [lay for lay in live if _usable(lay.grad_q) and (not normalized or _usable(lay.q))]
+        # A norm rescales the gradient that flows back through it by 1/sqrt(q) of what it normalizes,
+        # so behind one compare G*q: q of the stream a layer's branch writes into when every member
+        # reaches a norm over the last dim (transformers, whose stream grows from the embeddings'
+        # scale: the norm sees the stream, not the branch alone), else q of the layer's own output
+        # when a norm follows it directly (BatchNorm after a convolution).
+        stream = bool(live) and all(_usable(lay.stream_q) for lay in live)
+        own = not stream and all(lay.normalized for lay in live)
+        relative_to = "output" if own else "stream" if stream else ""
+        grad = [lay for lay in live if _usable(lay.grad_q) and _usable(_scale(lay, relative_to))]
         if len(grad) >= T.MIN_GROUP:
-            g = [lay.grad_q * (lay.q if normalized else 1.0) for lay in grad]
-            out.append(Trend("gradient", [lay.name for lay in grad], g, g[0] / g[-1], normalized))
+            g = [lay.grad_q * _scale(lay, relative_to) for lay in grad]
+            rms = (math.sqrt(grad[0].stream_q), math.sqrt(grad[-1].stream_q)) if stream else None
+            out.append(Trend("gradient", [lay.name for lay in grad], g, g[0] / g[-1], own or stream,
+                             relative_to=relative_to, raw_ratio=grad[0].grad_q / grad[-1].grad_q,
+                             stream_rms=rms))
     return out
+
+
+def _scale(lay: LayerStats, relative_to: str) -> float | None:
+    return lay.q if relative_to == "output" else lay.stream_q if relative_to == "stream" else 1.0
 
 
 def severity_for_ratio(ratio: float, warn: float, error: float, low: bool) -> str | None:

@@ -36,6 +36,9 @@ LINEAR_CONSUMERS = {"matmul", "bmm", "mm", "einsum", "baddbmm", "scaled_dot_prod
                     "softmax", "log_softmax", "cross_entropy", "mse_loss", "nll_loss"}
 DROPOUTS = {"dropout", "alpha_dropout", "feature_alpha_dropout", "dropout1d", "dropout2d", "dropout3d"}
 NORMS = {"batch_norm", "layer_norm", "group_norm", "instance_norm", "rms_norm", "local_response_norm"}
+# norms over the last dim: what a transformer's residual stream passes through
+STREAM_NORMS = {"layer_norm", "rms_norm"}
+MATMULS = {"addmm", "mm", "matmul", "bmm", "baddbmm"}
 PASSTHROUGH = {
     "view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "transpose", "permute",
     "contiguous", "clone", "to", "float", "double", "half", "bfloat16", "type", "type_as", "get",
@@ -48,6 +51,13 @@ PASSTHROUGH = {
     "pixel_shuffle", "upsample", "fold", "unfold", "masked_fill", "where", "concat", "concatenate",
 }
 IGNORED = {"register_hook", "size", "dim", "numel", "is_floating_point"}
+# Composed nonlinearities, recognised by what they compute rather than by name: a tensor's square
+# ("moment": on through mean, + eps, rsqrt/sqrt/reciprocal) that multiplies or divides the tensor
+# again is a normalization (RMSNorm: x * rsqrt(mean(x^2) + eps)); tanh of a cubic polynomial of a
+# tensor ("cubic") is the tanh approximation of GELU (0.5 x (1 + tanh(c (x + 0.044715 x^3)))).
+MOMENT, CUBIC = "moment", "cubic"
+POWERS = {"pow", "square", "float_power"}
+STATISTIC_OPS = {"rsqrt", "sqrt", "reciprocal"}
 
 
 def function_name(func: Any) -> str:
@@ -126,6 +136,14 @@ class ActivationCall:
     out: torch.Tensor
 
 
+@dataclasses.dataclass
+class StreamNorm:
+    """A norm over the last dim: its input is the stream whose scale the gradient is relative to."""
+
+    index: int
+    x: torch.Tensor
+
+
 class Graph:
     """The structure seen in one forward pass (reset per pass)."""
 
@@ -134,6 +152,9 @@ class Graph:
         # modules with no children and no weights: a nonlinearity called inside one is that module
         self.leaf_activations = leaf_activations
         self.lineage = Lineage()
+        # Which weight layers are upstream of a tensor, through every op but weight ops (attention's
+        # matmuls included): a branch's layers reach the stream norm of the branch they write into.
+        self.upstream = Lineage()
         self.reset()
 
     def reset(self) -> None:
@@ -145,7 +166,12 @@ class Graph:
         self.transposed: set[str] = set()  # weight layers whose weight the model multiplies from the right
         self.residual_adds = 0  # additions of two signals of the network (skip connections)
         self._record_layer: dict[str, str | None] = {}  # activation record -> the layer it follows
+        self.feeds: dict[str, str] = {}  # weight layer -> the first weight layer its output reaches
+        self.next_norm: dict[str, int] = {}  # weight layer -> the first stream norm its output reaches
+        self.stream_norms = 0
+        self._norm_input: torch.Tensor | None = None
         self.lineage.clear()
+        self.upstream.clear()
 
     def mark_inputs(self, inputs: Any) -> None:
         for t in tensors(inputs):
@@ -159,16 +185,51 @@ class Graph:
 
     def layer_output(self, layer: str, y: torch.Tensor) -> None:
         self.lineage.set(y, frozenset([layer]), None)
+        self.upstream.set(y, frozenset([layer]), None)
+
+    def stream_norm_of(self, layer: str) -> int | None:
+        """The stream norm a layer's output reaches, directly or through the layers it feeds."""
+        seen: set[str] = set()
+        while layer not in self.next_norm and layer in self.feeds and layer not in seen:
+            seen.add(layer)
+            layer = self.feeds[layer]
+        return self.next_norm.get(layer)
 
     def _linear(self, sources: frozenset[str]) -> None:
         for s in sources:
             self.follows.setdefault(s, Follows("identity"))
 
-    def on_function(self, name: str, args: tuple, kwargs: dict, out: Any, inner: str | None) -> ActivationCall | None:
-        """Follow one function call; `inner` is the innermost module running. Returns a nonlinearity
-        call to measure, if it is one."""
+    def on_function(self, name: str, args: tuple, kwargs: dict, out: Any,
+                    inner: str | None) -> tuple[ActivationCall | None, StreamNorm | None]:
+        """Follow one function call; `inner` is the innermost module running (or the layer whose
+        weight the call uses). Returns the nonlinearity to measure and the stream norm to measure,
+        if the call is either."""
         if name in IGNORED:
-            return None
+            return None, None
+        up: frozenset[str] = frozenset()
+        for t in (*args, *kwargs.values()):
+            for u in (t if isinstance(t, (list, tuple)) else (t,)):
+                up |= self.upstream.get(u)[0]
+        self._norm_input = None
+        call = self._follow(name, args, kwargs, out, inner)
+        norm = None
+        if (name in WEIGHT_OPS or name in MATMULS) and inner in self.weight_layers:
+            # the layer's own operation (F.linear, or x @ W inside HF's Conv1D): what feeds it
+            for s in up - {inner}:
+                self.feeds.setdefault(s, inner)
+            return call, None
+        if self._norm_input is not None:
+            norm = StreamNorm(self.stream_norms, self._norm_input)
+            self.stream_norms += 1
+            for s in up:
+                self.next_norm.setdefault(s, norm.index)
+        if up:
+            for t in tensors(out):
+                if not self.upstream.get(t)[0]:
+                    self.upstream.set(t, up, None)
+        return call, norm
+
+    def _follow(self, name: str, args: tuple, kwargs: dict, out: Any, inner: str | None) -> ActivationCall | None:
         x = args[0] if args else kwargs.get("input")
         if isinstance(x, (list, tuple)):
             srcs: frozenset[str] = frozenset()
@@ -179,8 +240,16 @@ class Graph:
                 act = act or a
         else:
             srcs, act = self.lineage.get(x)
+        if srcs and (name in POWERS or (name in STATISTIC_OPS and act == MOMENT)):
+            self._composed(name, args, kwargs, act, srcs, out)
+            return None
+        if name in ("mul", "imul", "rmul", "div", "truediv", "itruediv") and self._normalizes(x, args, out):
+            return None
         if name in ACTIVATIONS:
-            return self._activation(ACTIVATIONS[name], name, args, kwargs, x, out, srcs, inner)
+            kind = ACTIVATIONS[name]
+            if kind == "tanh" and act == CUBIC:
+                kind = "gelu"
+            return self._activation(kind, name, args, kwargs, x, out, srcs, inner)
         if name in WEIGHT_OPS:
             self._linear(srcs)
             if inner in self.weight_layers and inner not in self.fed_by:
@@ -191,6 +260,8 @@ class Graph:
             return None
         if name in NORMS:
             self.normalized.update(s for s in srcs if s not in self.follows)
+            if name in STREAM_NORMS and isinstance(x, torch.Tensor):
+                self._norm_input = x
         if name in PASSTHROUGH or name in NORMS or name in DROPOUTS:
             if isinstance(x, torch.Tensor) and isinstance(out, torch.Tensor):
                 if name in ("add", "iadd", "radd") and len(args) > 1 and (srcs or act):
@@ -210,6 +281,35 @@ class Graph:
                     self.follows[s] = Follows("unknown")
                     self.unknown[s] = name
         return None
+
+    def _composed(self, name: str, args: tuple, kwargs: dict, act: str | None, srcs: frozenset[str],
+                  out: Any) -> None:
+        """A power of a layer's output, or a statistic of its second moment: no consumer of its own."""
+        if name in STATISTIC_OPS:
+            tag = MOMENT
+        else:
+            exp = 2 if name == "square" else (args[1] if len(args) > 1 else kwargs.get("exponent"))
+            tag = {2: MOMENT, 3: CUBIC}.get(exp if isinstance(exp, (int, float)) else None)
+            if tag is None:
+                for s in srcs:  # another power: an unknown consumer, as before
+                    if s not in self.follows:
+                        self.follows[s] = Follows("unknown")
+                        self.unknown[s] = name
+        for t in tensors(out):
+            self.lineage.set(t, srcs, tag)
+
+    def _normalizes(self, x: Any, args: tuple, out: Any) -> bool:
+        """`x * rsqrt(mean(x^2) + eps)` (or `x / sqrt(...)`): the layers behind x are normalized."""
+        y = args[1] if len(args) > 1 else None
+        if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)):
+            return False
+        (sx, ax), (sy, ay) = self.lineage.get(x), self.lineage.get(y)
+        if ay != MOMENT or ax == MOMENT or not sx or not (sy & sx):
+            return False
+        self.normalized.update(s for s in sx if s not in self.follows)
+        self.lineage.set(out, sx, ax)  # what a norm layer passes on: the signal, normalized
+        self._norm_input = x
+        return True
 
     def _activation(self, kind, fname, args, kwargs, x, out, srcs, inner) -> ActivationCall | None:
         if not isinstance(out, torch.Tensor) or not out.is_floating_point():

@@ -258,13 +258,26 @@ class Recorder:
                     self.acc.gate(f"{name}:{gname}{suffix}", name, gname + suffix, kind, pre, post)
 
 
+    def _record_stream(self, index: int, x: torch.Tensor) -> None:
+        """A stream norm's input: per-row scale now, per-row gradient in the backward pass."""
+        if not x.is_floating_point():
+            return
+        self.acc.stream_input(index, x)
+        if self.gradients and x.requires_grad:
+            def grad_hook(g, index=index):
+                self.acc.stream_gradient(index, g)
+            self._tensor_handles.append(x.register_hook(grad_hook))
+
     # -- functional calls --
     def _on_function(self, name: str, args: tuple, kwargs: dict, out: Any) -> None:
         inner = self._stack[-1] if self._stack else None
         borrowed = self._weight_use(name, args) if self._owners else None
-        call = self.graph.on_function(name, args, kwargs, out, borrowed or inner)
+        call, norm = self.graph.on_function(name, args, kwargs, out, borrowed or inner)
         if call is not None:
             self.acc.activation(call)
+        if norm is not None:
+            with torch._C.DisableTorchFunction():
+                self._record_stream(norm.index, norm.x)
         if borrowed is not None:
             # the layer's weight used outside its own forward (`F.linear(x, self.qkv.weight)`):
             # its output is the layer's output

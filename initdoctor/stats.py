@@ -196,6 +196,9 @@ class LayerStats:
     q: float | None = None
     signal: float | None = None  # per-unit variance over samples, averaged over units
     r: float | None = None  # signal / q
+    # q of the stream the layer's output reaches at its next norm over the last dim (pre-norm
+    # transformers' residual stream), weighted by each row's gradient: the norm rescales G by 1/q there
+    stream_q: float | None = None
     output_nonfinite: int = 0
     units: int = 0
     samples: int = 0

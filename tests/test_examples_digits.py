@@ -1,8 +1,9 @@
 """examples/train_digits.py, reduced: every fixed model learns the digits where its sick twin does not.
 
-Measured at 300 steps (seeds 0-2): fixed models 0.933-0.973 test accuracy, sick twins 0.10-0.26, so
-0.9 and 0.5 leave headroom on both sides. The 30-layer demonstration (exempt from the goal) is
-left out here; the full script shows it.
+Measured at 300 steps (seeds 0-4): fixed models 0.924-0.973 test accuracy, sick twins 0.10-0.26, so
+0.9 and 0.5 leave headroom on both sides. Scaling the fixed weights by 1 +- 1e-7 or 1 + 1e-6 (the size
+of the float rounding a different torch build brings) moves no fixed model below 0.92. The 30-layer
+demonstration (exempt from the goal) is left out here; the full script shows it.
 """
 
 import importlib.util
@@ -15,7 +16,7 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 pytest.importorskip("sklearn")
 
 PATH = Path(__file__).resolve().parents[1] / "examples" / "train_digits.py"
-GRADED = ["relu16_default", "relu6_normal", "tanh10_uniform", "sigmoid10_xavier", "tanh3_constant"]
+GRADED = ["relu12_default", "relu6_normal", "tanh10_uniform", "sigmoid10_xavier", "tanh3_constant"]
 STEPS = 300
 
 
@@ -37,7 +38,7 @@ def results(example):
 
 
 def test_quick_includes_deep_relu_and_sigmoid(example):
-    assert {"relu16_default", "sigmoid10_xavier"} <= set(example.QUICK)
+    assert {"relu12_default", "sigmoid10_xavier"} <= set(example.QUICK)
     assert set(GRADED) == {n for n, (_, _, demo) in example.MODELS.items() if not demo}
 
 

@@ -16,9 +16,9 @@ def test_a_functional_nonlinearity_is_attributed_through_reshapes():
     y = torch.randn(4, 6)
     g.layer_output("fc", y)
     v = y.view(4, 2, 3)
-    assert g.on_function("view", (y, 4, 2, 3), {}, v, inner=None) is None
+    assert g.on_function("view", (y, 4, 2, 3), {}, v, inner=None) == (None, None)
     out = torch.tanh(v)
-    call = g.on_function("tanh", (v,), {}, out, inner=None)
+    call, _ = g.on_function("tanh", (v,), {}, out, inner=None)
     assert call is not None and call.kind == "tanh" and call.layer == "fc"
     assert call.record == "fc:tanh" and call.module == "fc"
     assert g.follows["fc"].kind == "tanh" and g.follows["fc"].record == "fc:tanh"
@@ -28,7 +28,7 @@ def test_leaky_slope_and_an_activation_module():
     g = _graph("fc", leaves=("act",))
     y = torch.randn(3, 5)
     g.layer_output("fc", y)
-    call = g.on_function("leaky_relu", (y, 0.2), {}, torch.nn.functional.leaky_relu(y, 0.2), inner="act")
+    call, _ = g.on_function("leaky_relu", (y, 0.2), {}, torch.nn.functional.leaky_relu(y, 0.2), inner="act")
     assert call.record == "act" and call.module == "act"
     assert g.follows["fc"].kind == "leaky_relu" and g.follows["fc"].param == 0.2
 
@@ -62,3 +62,41 @@ def test_model_outputs_are_identity():
     g.layer_output("head", y)
     g.mark_outputs({"logits": y})
     assert g.outputs == {"head"} and g.follows["head"].kind == "identity"
+
+
+def test_hand_written_rmsnorm_and_tanh_gelu_are_recognised():
+    """LLaMA/T5's x * rsqrt(mean(x^2) + eps) normalizes; GPT-2's gelu_new is GELU, not tanh."""
+    import math
+
+    import initdoctor
+
+    class RMSNorm(torch.nn.Module):
+        def __init__(self, d):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.ones(d))
+
+        def forward(self, x):
+            return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+
+    class NewGELU(torch.nn.Module):
+        def forward(self, x):
+            return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), RMSNorm(32), torch.nn.Linear(32, 64), NewGELU(),
+                                torch.nn.Linear(64, 8))
+    d = initdoctor.check(model, torch.randn(64, 16))
+    assert not [f for f in d.findings if f.code in ("ID902", "ID302", "ID301")]
+    assert d.stats.layer("0").normalized and d.stats.layer("0").activation == "identity"
+    assert d.stats.layer("2").activation == "gelu" and d.stats.layer("4").fed_by == "gelu"
+    (act,) = d.stats.activations
+    assert act.kind == "gelu" and act.name == "3" and act.dead == 0.0
+    assert d.plan[1].recommended == "kaiming_normal"  # GELU: He, not Xavier with tanh's gain
+
+
+def test_other_powers_stay_unknown_consumers():
+    g = _graph("fc")
+    y = torch.randn(3, 4)
+    g.layer_output("fc", y)
+    g.on_function("pow", (y, 4), {}, y.pow(4), inner=None)
+    assert g.unknown == {"fc": "pow"}

@@ -112,7 +112,7 @@ def conclude(ctx: Context, select: list[str] | None = None, ignore: list[str] | 
 
 def architectural(findings: list[Finding]) -> list[Finding]:
     """Fired findings that no initialization can cure (gradient growth through normalized stacks)."""
-    return [f for f in findings if f.fired and f.code == "ID204" and f.evidence.get("normalized")]
+    return [f for f in findings if f.fired and f.code == "ID204" and f.evidence.get("relative_to") == "output"]
 
 
 from . import coverage, nonfinite, regime, scale, signal, symmetry  # noqa: E402,F401  (registration)

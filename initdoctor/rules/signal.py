@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .. import thresholds as T
+from .. import vocab
 from ..depth import Trend, severity_for_ratio
 from . import Context, Cure, Finding, Rule, register
 
@@ -64,7 +65,8 @@ def _message(what: str, trend: Trend, extra: str) -> str:
 def _evidence(trend: Trend) -> dict:
     return {"metric": trend.metric, "ratio": trend.ratio, "per_layer": trend.per_layer,
             "first": trend.values[0], "last": trend.values[-1], "members": len(trend.layers),
-            "normalized": trend.normalized}
+            "normalized": trend.normalized, "relative_to": trend.relative_to,
+            "raw_ratio": trend.raw_ratio, "stream_rms": list(trend.stream_rms) if trend.stream_rms else None}
 
 
 class _TrendRule(Rule):
@@ -89,12 +91,16 @@ class _TrendRule(Rule):
                 # (Glorot's cancellation keeps it flat in a deep Xavier ReLU net whose G falls 1e9)
                 ratios = [stats.layer(n).weight_grad_ratio for n in (trend.layers[0], trend.layers[-1])]
                 ev["weight_grad_ratio_first_last"] = ratios
-            out.append(self.finding(sev, trend.layers, _message(self.describe(trend), trend, extra),
-                                    **_evidence(trend), **ev))
+            out.append(self.finding(sev, trend.layers, _message(self.describe(trend), trend, extra)
+                                    + self.behind_norms(trend), **_evidence(trend), **ev))
         return out
 
     def describe(self, trend: Trend) -> str:
         raise NotImplementedError
+
+    def behind_norms(self, trend: Trend) -> str:
+        """What normalization means for this trend's cure (nothing to add by default)."""
+        return ""
 
 
 @register
@@ -125,7 +131,7 @@ class VanishingGradients(_TrendRule):
     metrics = ("gradient",)
 
     def describe(self, trend: Trend) -> str:
-        return "back-propagated gradients shrink toward the input" + (" (G*q, normalized)" if trend.normalized else "")
+        return "back-propagated gradients shrink toward the input" + _relative(trend)
 
 
 @register
@@ -135,12 +141,42 @@ class ExplodingGradients(_TrendRule):
     low = False
 
     def describe(self, trend: Trend) -> str:
-        return "back-propagated gradients grow toward the input" + (" (G*q, normalized)" if trend.normalized else "")
+        return "back-propagated gradients grow toward the input" + _relative(trend)
+
+    def behind_norms(self, trend: Trend) -> str:
+        if trend.relative_to == "output":
+            return (" The layers are followed by normalization, which undoes any init scale: "
+                    "initialization cannot cure this; add residual connections (or fewer layers).")
+        return ""
 
     def judge(self, ctx: Context) -> list[Finding]:
-        out = super().judge(ctx)
-        for f in out:
-            if f.evidence.get("normalized"):
-                f.message += (" The layers are followed by normalization, which undoes any init scale: "
-                              "initialization cannot cure this; add residual connections (or fewer layers).")
-        return out
+        return super().judge(ctx) + [self._stream_note(ctx, t) for t in ctx.trends if _only_raw_grows(t)]
+
+    def _stream_note(self, ctx: Context, trend: Trend) -> Finding:
+        """Raw gradients that grow only because the stream they flow back through grows: not a fault."""
+        a, b = trend.stream_rms
+        text = (f"back-propagated gradients grow x{trend.raw_ratio:.3g} toward the input from {trend.layers[0]} "
+                f"to {trend.layers[-1]}, but only x{trend.ratio:.2g} relative to the residual stream they flow "
+                f"back through: the stream's RMS grows from {a:.2g} to {b:.2g} along these layers, and the "
+                f"norm in front of each rescales its gradient by 1/RMS. No weight is at fault.")
+        emb = [lay for lay in ctx.stats.layers if lay.kind == vocab.EMBEDDING and lay.weight_std]
+        if emb:
+            std = max(lay.weight_std for lay in emb)
+            text += (f" The stream starts at RMS {a:.2g} because it starts from the embeddings "
+                     f"({', '.join(lay.name for lay in emb[:3])}, std {std:.2g}); drawing them so that the "
+                     f"stream starts near RMS 1 levels the raw gradients. The plan keeps embeddings as they "
+                     f"are: their scale is the model's choice.")
+        else:
+            text += (f" Whatever is added to the stream first (embeddings, a class or position token) sets "
+                     f"its starting RMS of {a:.2g}.")
+        return self.finding("info", trend.layers, text, **_evidence(trend))
+
+
+def _relative(trend: Trend) -> str:
+    return {"output": " (G*q, normalized)", "stream": " (G*q of the residual stream)"}.get(trend.relative_to, "")
+
+
+def _only_raw_grows(trend: Trend) -> bool:
+    return (trend.metric == "gradient" and trend.relative_to == "stream" and trend.raw_ratio is not None
+            and severity_for_ratio(trend.ratio, T.TREND_WARN, T.TREND_ERROR, False) is None
+            and severity_for_ratio(trend.raw_ratio, T.TREND_WARN, T.TREND_ERROR, False) is not None)
