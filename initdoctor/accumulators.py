@@ -330,6 +330,7 @@ def build_stats(model: nn.Module, layers: dict[str, nn.Module], graph: Graph, ac
     """ModelStats from the host copy of the buffer, the structure the graph saw, and the weights."""
     order = {n: i for i, n in enumerate(acc.order)}
     out = [_layer_stats(name, m, order, graph, acc, host) for name, m in layers.items()]
+    _ties(out, layers)
     if symmetry:
         _symmetry(out, layers, grads)
     acts = [_act_stats(name, a, host) for name, a in acc.acts.items()]
@@ -354,6 +355,22 @@ def build_stats(model: nn.Module, layers: dict[str, nn.Module], graph: Graph, ac
             if bad:
                 stats.nonfinite_params.append((pname, int(bad)))
     return stats
+
+
+def _ties(stats: list[LayerStats], layers: dict[str, nn.Module]) -> None:
+    """Layers that share one weight tensor (a language model's head tied to its embedding)."""
+    by_weight: dict[int, list[LayerStats]] = {}
+    for lay in stats:
+        w = layers[lay.name]._parameters.get("weight")
+        if isinstance(w, torch.Tensor):
+            by_weight.setdefault(id(w), []).append(lay)
+    for group in by_weight.values():
+        if len(group) < 2:
+            continue
+        emb = next((lay.name for lay in group if lay.kind == vocab.EMBEDDING), None)
+        for lay in group:
+            lay.tied = [other.name for other in group if other is not lay]
+            lay.tied_embedding = emb if lay.kind != vocab.EMBEDDING else None
 
 
 def _symmetry(stats: list[LayerStats], layers: dict[str, nn.Module], grads: dict[int, torch.Tensor] | None) -> None:

@@ -13,6 +13,8 @@ from .vocab import FORCEABLE, SCHEMES
 
 # Families that a new initialization can cure; ID4 is included because a re-drawn tensor is finite.
 CURABLE = ("ID1", "ID2", "ID3", "ID4")
+# Findings about single layers whose cure is re-drawing those layers alone.
+LOCAL = ("ID501",)
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,9 @@ def make_plan(stats: ModelStats, findings: list[Finding], keep: tuple[str, ...] 
     cure = [f for f in findings if f.fired and f.code.startswith(CURABLE)]
     arch = architectural(findings)
     sick = bool(cure) and len(arch) < len(cure)
+    # weights drawn far too large, and nothing else: re-draw those layers alone, keep the rest
+    local = {n for f in findings if f.fired and f.code in LOCAL for n in f.layers}
+    only = local if not sick and local else None
     depth = tanh_depth(stats)
     plan: list[Prescription] = []
     for lay in stats.layers:
@@ -77,7 +82,9 @@ def make_plan(stats: ModelStats, findings: list[Finding], keep: tuple[str, ...] 
         bias = ("centred" if centre_bias(lay) else "zeros") if lay.has_bias else "none"
         entry = Prescription(lay.name, sch, gain, mode, bias, reason, recommended=textbook,
                              transposed=lay.transposed)
-        why_keep = _why_keep(lay, sch, keep, sick, bool(arch), textbook, gain)
+        why_keep = _why_keep(lay, sch, keep, sick or only is not None, bool(arch), textbook, gain)
+        if why_keep is None and only is not None and lay.name not in only:
+            why_keep = "kept: only the layers drawn far too large (ID501) are re-drawn"
         if why_keep is not None:
             entry = replace(entry, scheme="keep", apply=False, reason=why_keep or entry.reason,
                             bias="keep" if lay.has_bias else "none")

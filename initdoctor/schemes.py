@@ -81,6 +81,8 @@ def recommend(lay, tanh_depth: int = 0) -> tuple[str, float, str, str]:
     mode = "fan_out" if lay.kind == vocab.CONV_TRANSPOSE else "fan_in"  # torch's fans are swapped there
     if lay.kind == vocab.EMBEDDING:
         return "keep", 1.0, mode, "embeddings have no fan-in; their scale is the model's choice"
+    if lay.tied_embedding:
+        return "keep", 1.0, mode, f"tied to the embedding {lay.tied_embedding}: its scale is the embedding's"
     if lay.parametrization:
         return ("keep", gain(act, param), mode,
                 f"the weight is computed by {lay.parametrization}, which sets its scale: initialization of "

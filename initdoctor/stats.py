@@ -170,6 +170,8 @@ class LayerStats:
     kind: str = "linear"  # vocab.KINDS: how the weight maps inputs to units
     transposed: bool = False  # the weight is stored (in, out): the model computes x @ W (HF Conv1D)
     parametrization: str | None = None  # what computes the weight from its parameters (spectral_norm, ...)
+    tied: list[str] = field(default_factory=list)  # other layers that use the same weight tensor
+    tied_embedding: str | None = None  # an embedding among them: the weight's scale is the embedding's
     index: int = -1  # execution order among weight layers; -1: never ran
     calls: int = 0
     weight_shape: list[int] = field(default_factory=list)

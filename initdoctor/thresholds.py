@@ -41,6 +41,14 @@ LINEAR_LAYER_SHARE = 0.5  # ... in at least this share of that activation's laye
 # Healthy He at depth 30 reaches 30-45% in its worst layer.
 DEAD_WARN = 0.5
 DEAD_ERROR = 0.99
+# A layer whose input-dependent share r is below this sees almost no variation across the batch
+# (squeeze-excitation's pooled features: r 0.004-0.05 measured; healthy dense layers 0.6-0.8): each
+# unit is then on or off for the whole batch by the sign of its mean, a coin flip under a
+# sign-symmetric init. Its dead count counts only when chance (Binomial(units, 1/2)) would give it
+# with probability below DEAD_CHANCE: 2-4 of 4 SE units gave P = 0.06-0.3; 127 of 128 units killed by
+# a negative bias gives 4e-37.
+POOLED_R = 0.05
+DEAD_CHANCE = 1e-3
 
 # --- symmetry (ID101-ID103) -----------------------------------------------------------------
 # Rows within this fraction of the largest row norm are duplicates. float32 rounding of equal
@@ -58,6 +66,13 @@ PLAIN_DEPTH = 30
 # is 1/sqrt(6) = 0.41 of He for ReLU, which is a sixth of the variance; anything outside
 # [1/3, 3] in std (1/9-9 in variance) is worth a note.
 SCALE_NOTE = 3.0
+# A weight 10x the variance-preserving std multiplies the variance it receives by 100 in one layer:
+# the depth-trend warning band (1e2) crossed by a single layer. Healthy inits sit within [1/3, 3];
+# N(0, 1) weights in a 256-1024-wide MLP are 11-25x (a transformer's MLP so drawn: its residual
+# stream's second moment jumps from 4e-4 to 2e7 in the first block, which no depth trend shows,
+# since every block's input is normalized). Only the large side warns: small weights are the
+# depth trends' business (they compound, one layer alone does not).
+SCALE_WARN = 10.0
 
 # A weight whose variance is within this factor of the prescribed one counts as "at the prescribed
 # scale" (Xavier on a ReLU layer is half of He's variance: outside; sampling noise: far inside).

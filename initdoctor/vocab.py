@@ -20,6 +20,7 @@ RECTIFIERS = frozenset({"relu", "leaky_relu", "gelu", "silu", "elu", "softplus"}
 TANH_LIKE = frozenset({"tanh", "hardtanh", "softsign"})  # Xavier with tanh's gain
 SATURATING = frozenset({"sigmoid"}) | TANH_LIKE  # flat tails: saturation and the linear regime
 DYING = frozenset({"relu", "gelu", "silu"})  # units can output <= 0 for every example
+ZERO_GRADIENT = frozenset({"relu"})  # ... and then get no gradient (GELU and SiLU still have a slope)
 
 # --- layer kinds (read from the module by the probe; `LayerStats.kind`) ----------------------
 LINEAR = "linear"  # Linear, HF Conv1D and any other (out, in) matrix

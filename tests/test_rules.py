@@ -333,7 +333,9 @@ def test_zero_attention_projections_are_unbreakable():
             return self.o(a @ self.v(x))
 
     d = initdoctor.check(Attn(), torch.randn(4, 8, 16))
-    assert [f.layers for f in d.findings if f.code == "ID103"] == [["q"], ["k"]]
+    assert [f.layers for f in d.findings if f.code == "ID103"] == [["q", "k"]]
+    (f,) = [f for f in d.findings if f.code == "ID103"]
+    assert "The same holds for 1 more: k." in f.message and set(f.evidence["also"]) == {"k"}
     assert all(f.severity == "error" for f in d.findings if f.code == "ID103")
 
 
@@ -410,8 +412,10 @@ def test_id101_zero_query_and_key_projections(tiny):
             return self.out(self.mha(x, x, x)[0])
 
     d = initdoctor.check(Attn(), tiny.batch(4, 6, 16))
-    got = {(f.code, f.severity, tuple(f.layers)) for f in d.findings if f.code == "ID101"}
-    assert got == {("ID101", "error", ("mha.in_proj_weight[q]",)), ("ID101", "error", ("mha.in_proj_weight[k]",))}
+    got = [(f.code, f.severity, tuple(f.layers)) for f in d.findings if f.code in ("ID101", "ID103")]
+    # one finding per kind, naming both projections (DESIGN: a zero tensor with zero gradient is ID103)
+    assert got == [("ID101", "error", ("mha.in_proj_weight[q]", "mha.in_proj_weight[k]")),
+                   ("ID103", "error", ("mha.in_proj_weight[q]", "mha.in_proj_weight[k]"))]
 
 
 def test_id101_info_message_does_not_contradict_the_evidence(tiny):

@@ -45,8 +45,34 @@ def _short(name: str, width: int) -> str:
     return name if len(name) <= width else "…" + name[-(width - 1):]
 
 
+def short_names(names: list[str], width: int) -> dict[str, str]:
+    """Each name shortened from the left, a dotted component at a time, only as far as it needs to
+    fit `width` and stay told apart from the others (`model.transformer.h.11.attn.c_attn` ->
+    `…h.11.attn.c_attn`, never `…11.attn.c_attn` when `…1.attn.c_attn` would then be ambiguous)."""
+    out: dict[str, str] = {}
+    for name in names:
+        parts = (name or "(root)").split(".")
+        short = ".".join(parts)
+        for k in range(1, len(parts)):
+            if len(short) <= width:
+                break
+            tail = ".".join(parts[k:])
+            clash = any(o != name and (o == tail or o.endswith("." + tail)) for o in names)
+            if clash:
+                break
+            short = "…" + tail
+        out[name] = short
+    return out
+
+
+NAME_MIN, NAME_MAX = 22, 40  # the layer column: as wide as the shortened names, within these
+
+
 def layer_table(diag, color: bool) -> list[str]:
-    head = f"{'layer':<22} {'type':<10} {'fan in/out':>11} {'act':<9} {'signal':>8} {'q':>8} {'grad G':>8} {'sat':>5} {'dead':>5}"
+    names = short_names([lay.name for lay in diag.stats.layers], NAME_MAX)
+    nw = max([NAME_MIN] + [len(n) for n in names.values()])
+    head = (f"{'layer':<{nw}} {'type':<10} {'fan in/out':>11} {'act':<9} {'signal':>8} {'q':>8} {'grad G':>8} "
+            f"{'sat':>5} {'dead':>5}")
     lines = [_paint(head, "bold", color)]
     rows = sorted(diag.stats.layers, key=lambda lay: (lay.index < 0, lay.index))
     hidden = 0
@@ -59,7 +85,7 @@ def layer_table(diag, color: bool) -> list[str]:
             continue
         fans = f"{lay.fan_in if lay.fan_in is not None else '-'}/{lay.fan_out if lay.fan_out is not None else '-'}"
         act = (lay.activation or "-")[:9]
-        row = (f"{_short(lay.name, 22):<22} {lay.type[:10]:<10} {fans:>11} {act:<9} {num(lay.signal):>8} "
+        row = (f"{_short(names[lay.name], nw):<{nw}} {lay.type[:10]:<10} {fans:>11} {act:<9} {num(lay.signal):>8} "
                f"{num(lay.q):>8} {num(lay.grad_q):>8} {pct(lay.saturated):>5} {pct(lay.dead):>5}")
         lines.append(row if lay.index >= 0 else _paint(row + "  (never ran)", "dim", color))
     return lines
@@ -97,8 +123,9 @@ def plan_block(plan, color: bool) -> list[str]:
         reasons = sorted({p.reason for p in plan})
         return [_paint("Plan: keep the current initialization.", "ok", color)] + [f"  {r}" for r in reasons[:3]]
     lines = [_paint(f"Plan: re-initialize {len(active)} of {len(plan)} layer(s)", "bold", color)]
+    one, two = (short_names([p.layer for p in plan], w) for w in (30, 12))
     for first, last, n, p in _runs(plan):
-        where = _short(first, 30) if n == 1 else f"{_short(first, 12)} … {_short(last, 12)} ({n})"
+        where = _short(one[first], 30) if n == 1 else f"{_short(two[first], 12)} … {_short(two[last], 12)} ({n})"
         what = f"{p.scheme}(gain={p.gain:.3g}, {p.mode})" if p.apply else "keep"
         bias = f", bias {p.bias}" if p.apply and p.bias not in ("none", "keep") else ""
         lines.append(f"  {where:<32} {what + bias}")

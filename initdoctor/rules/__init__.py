@@ -110,6 +110,42 @@ def conclude(ctx: Context, select: list[str] | None = None, ignore: list[str] | 
     return out
 
 
+def init_call(scheme: str, gain_: float, lay, cure: Cure) -> str:
+    """The torch.nn.init call that draws what the plan prescribes."""
+    act, param = lay.activation, lay.activation_param
+    if scheme.startswith("kaiming"):
+        if act == "leaky_relu":
+            return f"{scheme}_(w, a={param:g}, nonlinearity='leaky_relu')"
+        return f"{scheme}_(w, nonlinearity='relu')"
+    if scheme == "lecun_normal":
+        return "kaiming_normal_(w, nonlinearity='linear')"
+    call = f"{scheme}_(w, gain={gain_:.3g})"
+    return call + (" with bias = -0.5 * rowsum(W)" if cure.centre_bias(lay) else "")
+
+
+MAX_NAMED = 4  # layers a merged finding names in its message (all are in its `layers`)
+
+
+def compact(findings: list[Finding], key) -> list[Finding]:
+    """One finding per `key(finding)` for rules that speak of one tensor at a time, so that a big model
+    gets one line for 32 alike layers: the first one's message, then the others named briefly."""
+    groups: dict = {}
+    for f in findings:
+        groups.setdefault(key(f), []).append(f)
+    out = []
+    for same in groups.values():
+        first = same[0]
+        if len(same) == 1:
+            out.append(first)
+            continue
+        others = [n for f in same[1:] for n in f.layers]
+        named = ", ".join(others[:MAX_NAMED]) + (f" and {len(others) - MAX_NAMED} more" if len(others) > MAX_NAMED else "")
+        out.append(Finding(first.code, first.severity, first.layers + others,
+                           f"{first.message} The same holds for {len(others)} more: {named}.",
+                           {**first.evidence, "also": {n: f.evidence for f in same[1:] for n in f.layers}}))
+    return out
+
+
 def architectural(findings: list[Finding]) -> list[Finding]:
     """Fired findings that no initialization can cure (gradient growth through normalized stacks)."""
     return [f for f in findings if f.fired and f.code == "ID204" and f.evidence.get("relative_to") == "output"]

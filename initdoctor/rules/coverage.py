@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .. import thresholds as T
 from .. import vocab
-from . import Context, Finding, Rule, architectural, register
+from . import Context, Finding, Rule, architectural, compact, register
 
 
 @register
@@ -13,7 +13,9 @@ class LayerNotRun(Rule):
 
     def judge(self, ctx: Context) -> list[Finding]:
         stats = ctx.stats
-        idle = [lay.name for lay in stats.layers if lay.index < 0]
+        ran = {lay.name for lay in stats.ran()}
+        # a layer whose tied twin ran was measured through it (T5's `shared` via `embed_tokens`)
+        idle = [lay.name for lay in stats.layers if lay.index < 0 and not ran.intersection(lay.tied)]
         if not idle:
             return []
         return [self.finding("info", idle, f"{len(idle)} layer(s) with weights never ran in the probe pass "
@@ -25,9 +27,10 @@ class ActivationUnknown(Rule):
     code = "ID902"
 
     def judge(self, ctx: Context) -> list[Finding]:
-        return [self.finding("info", [layer], f"the output of {layer} goes into `{op}`, which initdoctor does not "
-                             f"know as a nonlinearity; the plan treats it as linear.", op=op)
-                for layer, op in ctx.stats.unknown_ops]
+        found = [self.finding("info", [layer], f"the output of {layer} goes into `{op}`, which initdoctor does "
+                              f"not know as a nonlinearity; the plan treats it as linear.", op=op)
+                 for layer, op in ctx.stats.unknown_ops]
+        return compact(found, lambda f: f.evidence["op"])
 
 
 @register

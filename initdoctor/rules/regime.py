@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 from .. import thresholds as T
+from .. import vocab
 from ..depth import severity_for_ratio
-from . import Context, Finding, Rule, register
+from . import Context, Finding, Rule, init_call, register
 
 
 def _module_paths(hits) -> list[str]:
@@ -82,9 +85,12 @@ class LinearRegime(Rule):
                 advice = (" Usual with PyTorch's default recurrent init; if training stalls, re-initialize "
                           "with Xavier input weights and orthogonal recurrent weights, as `--fix` does for "
                           "a sick recurrent layer.")
-            else:
-                advice = (" Grow the weights to Xavier's scale"
-                          + (" (gain 4 with centring)." if kind == "sigmoid" else "."))
+            else:  # the plan's own call for these layers, so that advice and plan agree
+                by_name = {lay.name: lay for lay in ctx.stats.layers}
+                feeding = [by_name[a.layer] for a in small if a.layer in by_name]
+                calls = sorted({init_call(*ctx.cure.recommend(lay)[:2], lay, ctx.cure) for lay in feeding})
+                advice = (f" Grow the weights to Xavier's scale: {'; '.join(calls[:2])} (see the plan)." if calls
+                          else " Grow the weights to Xavier's scale (see the plan).")
             gates = all(a.layer is None for a in small)
             what = (f"{len(small)} of {len(acts)} {kind} {'gates' if gates else 'layers'} see inputs with a "
                     f"per-unit std of about {med:.2g} (below {limit}), where {kind} is nearly a straight line")
@@ -108,21 +114,58 @@ class DeadUnits(Rule):
 
     def judge(self, ctx: Context) -> list[Finding]:
         stats = ctx.stats
-        hits = []
+        hits, sloped, pooled = [], [], []
+        by_name = {lay.name: lay for lay in stats.layers}
         for a in stats.activations:
             if a.dead is None:
                 continue
-            if a.dead >= T.DEAD_ERROR:
-                hits.append(("error", a))
-            elif a.dead > T.DEAD_WARN:
-                hits.append(("warning", a))
-        if not hits:
-            return []
-        worst = max(hits, key=lambda h: h[1].dead)[1]
-        near = " (near-dead: never positive)" if worst.kind in ("gelu", "silu") else ""
-        return [self.finding(
-            _worst([h[0] for h in hits]), _module_paths(hits),
-            f"{len(hits)} {worst.kind} layer(s) have mostly dead units{near}: at {worst.layer or worst.name} "
-            f"{worst.dead:.0%} of units output zero for every example, so they get no gradient and never "
-            f"recover. Use He init with zero biases (negative biases or too-large weights kill units).",
-            dead={h[1].name: round(h[1].dead, 4) for h in hits})]
+            sev = "error" if a.dead >= T.DEAD_ERROR else "warning" if a.dead > T.DEAD_WARN else None
+            if sev is None:
+                continue
+            if a.kind not in vocab.ZERO_GRADIENT:
+                sloped.append((sev, a))  # never positive, but their slope below zero keeps a gradient
+                continue
+            lay = by_name.get(a.layer)
+            if lay is not None and lay.r is not None and lay.r < T.POOLED_R:
+                p = chance_of_dead(a.units, round(a.dead * a.units))
+                if p >= T.DEAD_CHANCE:
+                    pooled.append((a, lay.r, p))
+                    continue
+            hits.append((sev, a))
+        out = []
+        if hits:
+            worst = max(hits, key=lambda h: h[1].dead)[1]
+            out.append(self.finding(
+                _worst([h[0] for h in hits]), _module_paths(hits),
+                f"{len(hits)} {worst.kind} layer(s) have mostly dead units: at {worst.layer or worst.name} "
+                f"{worst.dead:.0%} of units output zero for every example, so they get no gradient and never "
+                f"recover. Use He init with zero biases (negative biases or too-large weights kill units).",
+                dead={h[1].name: round(h[1].dead, 4) for h in hits}))
+        if pooled:
+            a, r, p = max(pooled, key=lambda h: h[0].dead)
+            out.append(self.finding(
+                "info", _module_paths([(None, h[0]) for h in pooled]),
+                f"{len(pooled)} layer(s) see almost no input-dependent variation (at {a.layer}, r = {r:.2g}: "
+                f"pooled inputs, as in squeeze-excitation), so each unit is on or off for the whole batch by "
+                f"the sign of its mean; {a.dead:.0%} of {a.units} units off is what chance gives (P = {p:.2g}), "
+                f"not a sign of bad initialization.",
+                dead={h[0].name: round(h[0].dead, 4) for h in pooled}, chance={h[0].name: h[2] for h in pooled}))
+        if sloped:
+            a = max(sloped, key=lambda h: h[1].dead)[1]
+            out.append(self.finding(
+                "info", _module_paths(sloped),
+                f"{len(sloped)} {a.kind} layer(s) have units that are never positive (at {a.layer or a.name} "
+                f"{a.dead:.0%}); unlike ReLU's, their slope below zero is not zero, so they still get a "
+                f"gradient and can recover.",
+                never_positive={h[1].name: round(h[1].dead, 4) for h in sloped}))
+        return out
+
+
+def chance_of_dead(units: int, dead: int) -> float:
+    """P(Binomial(units, 1/2) >= dead): how often dead units this many arise by a coin flip each."""
+    if units <= 0 or dead <= 0:
+        return 1.0
+    logs = [math.lgamma(units + 1) - math.lgamma(k + 1) - math.lgamma(units - k + 1) - units * math.log(2.0)
+            for k in range(dead, units + 1)]
+    top = max(logs)
+    return min(1.0, math.exp(top) * sum(math.exp(v - top) for v in logs))

@@ -5,20 +5,7 @@ from __future__ import annotations
 from .. import thresholds as T
 from .. import vocab
 from ..depth import Trend, severity_for_ratio
-from . import Context, Cure, Finding, Rule, register
-
-
-def _init_call(scheme: str, gain_: float, lay, cure: Cure) -> str:
-    """The torch.nn.init call that draws what the plan prescribes."""
-    act, param = lay.activation, lay.activation_param
-    if scheme.startswith("kaiming"):
-        if act == "leaky_relu":
-            return f"{scheme}_(w, a={param:g}, nonlinearity='leaky_relu')"
-        return f"{scheme}_(w, nonlinearity='relu')"
-    if scheme == "lecun_normal":
-        return "kaiming_normal_(w, nonlinearity='linear')"
-    call = f"{scheme}_(w, gain={gain_:.3g})"
-    return call + (" with bias = -0.5 * rowsum(W)" if cure.centre_bias(lay) else "")
+from . import Context, Finding, Rule, init_call, register
 
 
 def _advice(ctx: Context, trend: Trend) -> tuple[str, dict]:
@@ -52,7 +39,7 @@ def _advice(ctx: Context, trend: Trend) -> tuple[str, dict]:
                  f"{'about a sixth' if act == 'relu' else frac} of the signal per layer.")
         ev["pytorch_default"] = True
     scheme, g, _, _ = ctx.cure.recommend(lay)
-    text += f" Use {_init_call(scheme, g, lay, ctx.cure)} (see the plan)."
+    text += f" Use {init_call(scheme, g, lay, ctx.cure)} (see the plan)."
     return text, ev
 
 

@@ -8,7 +8,7 @@ identical (weights, gradient, state) to identical updates). 1-D parameters are n
 from __future__ import annotations
 
 from ..stats import ModelStats
-from . import Context, Finding, Rule, register
+from . import Context, Finding, Rule, compact, register
 
 
 def _where(name: str, param: str) -> str:
@@ -51,7 +51,7 @@ class ConstantWeights(Rule):
                     f"every entry of {where} ({lay.type} {'x'.join(map(str, sym.shape or lay.weight_shape))}) is {what}; {why}."
                     + ("" if sev == "info" else " Draw it at random (Xavier or He, see the plan)."),
                     rows=sym.rows, zero=sym.zero, gradient_constant=sym.grad_constant))
-        return out
+        return compact(out, lambda f: (f.severity, f.evidence["zero"], f.evidence["gradient_constant"]))
 
 
 def _dups(stats: ModelStats, frozen: bool):
@@ -84,7 +84,7 @@ class DuplicateUnits(Rule):
                 f"{max(len(g) for g in groups)}); their gradients differ, so they separate only slowly and "
                 f"waste capacity until then. Draw the weights at random.",
                 units=sym.rows, duplicate_units=n, groups=[g[:16] for g in groups[:8]]))
-        return out
+        return compact(out, lambda f: f.severity)
 
 
 @register
@@ -113,4 +113,4 @@ class UnbreakableSymmetry(Rule):
                 f"the same update forever, so the layer acts as {sym.rows - n + len(groups)} unit(s). "
                 f"Draw the weights at random (see the plan).",
                 units=sym.rows, frozen_units=n, groups=[g[:16] for g in groups[:8]]))
-        return out
+        return compact(out, lambda f: f.evidence.get("zero", False))
