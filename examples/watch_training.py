@@ -41,17 +41,25 @@ def build(depth: int = 10, width: int = 64) -> nn.Sequential:
 
 
 def run(model: nn.Module, log_dir: str, steps: int, every: int) -> float:
+    from torch.utils.tensorboard import SummaryWriter
+
     x, y = digits()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     gen = torch.Generator().manual_seed(0)
-    with initdoctor.watch(model, log_dir=log_dir, every=every) as doctor:
-        for _ in range(steps):
-            idx = torch.randint(0, len(x), (128,), generator=gen)
-            opt.zero_grad()
-            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
-            loss.backward()
-            opt.step()
-            doctor.step()
+    # One writer for the training's own scalars and initdoctor's: the loss sits beside the diagnosis.
+    writer = SummaryWriter(log_dir)
+    try:
+        with initdoctor.watch(model, writer=writer, every=every) as doctor:
+            for step in range(steps):
+                idx = torch.randint(0, len(x), (128,), generator=gen)
+                opt.zero_grad()
+                loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+                loss.backward()
+                opt.step()
+                writer.add_scalar("train/loss", loss.item(), step)
+                doctor.step()
+    finally:
+        writer.close()
     return float(loss.detach())
 
 
@@ -63,7 +71,7 @@ def main(steps: int = 200, every: int = 20, log_dir: str = "runs") -> dict:
     initdoctor.fix(cured, x[:256])
     loss_cured = run(cured, os.path.join(log_dir, "cured"), steps, every)
     print(f"final loss: sick {loss_sick:.3f}, cured {loss_cured:.3f}")
-    print(f"TensorBoard: tensorboard --logdir {log_dir}")
+    print(f"TensorBoard: tensorboard --logdir {log_dir}   (then open the initdoctor tab)")
     return {"sick": loss_sick, "cured": loss_cured}
 
 

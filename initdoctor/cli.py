@@ -137,7 +137,10 @@ def _check(args) -> int:
     if args.tensorboard:
         from .report.tensorboard import write_diagnosis
 
-        write_diagnosis(diag, args.tensorboard)
+        runs = write_diagnosis(diag, args.tensorboard)
+        # stderr: stdout may be the JSON report
+        sys.stderr.write(f"initdoctor: TensorBoard runs written to {', '.join(runs)}\n"
+                         f"  view them with: tensorboard --logdir {args.tensorboard}\n")
     if args.plot:
         from .report.plots import depth_profile
 

@@ -73,7 +73,7 @@ class Watch:
         self.last: Diagnosis | None = None
         self._warned: dict[str, int] = {}
         self._rec: Recorder | None = None
-        self._layout_written = False
+        self._tb: Any = None  # report.tensorboard.RunWriter, made on the first write
 
     # -- context --
     def __enter__(self) -> Watch:
@@ -170,21 +170,28 @@ class Watch:
             if self.warn:
                 warnings.warn(text, InitDoctorWarning, stacklevel=4)
 
-    def _write(self, diag: Diagnosis) -> None:
-        from .report.tensorboard import write_stats
+    def _run_writer(self) -> Any:
+        if self._tb is None:
+            from .report.tensorboard import RunWriter
 
+            self._tb = RunWriter(self.writer, source="watch")
+        return self._tb
+
+    def _write(self, diag: Diagnosis) -> None:
         images = self.sampled == 0 or (self.images_every is not None and self.sampled % self.images_every == 0)
-        write_stats(self.writer, diag, self.steps, images=False, histograms=False,
-                    layout_written=self._layout_written)
-        self._layout_written = True
+        self._run_writer().write(diag, self.steps)
         if images:
             self._write_images(diag, self.steps)
         self.writer.flush()
 
     def _write_images(self, diag: Diagnosis, step: int) -> None:
-        from .report.tensorboard import write_figures
-
-        write_figures(self.writer, diag, step, history=self.history, histograms=self.histograms)
+        grads = None
+        # the weight gradients of the sampled step (still in .grad while it closes), beside the weights
+        if self.histograms and step == self.steps:
+            names = {lay.name for lay in diag.stats.ran()}
+            grads = {name: getattr(m, "weight", None).grad for name, m in self.model.named_modules()
+                     if name in names and isinstance(getattr(m, "weight", None), nn.Parameter)}
+        self._run_writer().figures(diag, step, history=self.history, histograms=self.histograms, grads=grads)
         self._images_at = step
         self.writer.flush()
 

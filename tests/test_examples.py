@@ -60,5 +60,12 @@ def test_watch_training_example(tmp_path):
     with pytest.warns(initdoctor.InitDoctorWarning):
         result = mod.main(steps=30, every=10, log_dir=str(tmp_path))
     assert result["cured"] < result["sick"]
-    assert (tmp_path / "sick").is_dir() and (tmp_path / "cured").is_dir()
-    assert any(p.name.startswith("events.out.tfevents") for p in (tmp_path / "sick").iterdir())
+    from tensorboard.backend.event_processing import event_accumulator as ea
+
+    for run in ("sick", "cured"):
+        acc = ea.EventAccumulator(str(tmp_path / run), size_guidance={ea.TENSORS: 0, ea.SCALARS: 0})
+        acc.Reload()
+        # the loss, logged through the same writer, beside initdoctor's metrics and its tab's data
+        assert [e.step for e in acc.Scalars("train/loss")] == list(range(30))
+        assert "initdoctor.log10_gradient/000.0" in acc.Tags()["scalars"]
+        assert [e.step for e in acc.Tensors("initdoctor.diagnosis")] == [0, 10, 20]

@@ -264,19 +264,21 @@ def image(fig, metric):
     return im
 
 
-def test_heatmap_holds_log_ratios_to_first_sample(tmp_path):
+def test_heatmap_holds_log_ratios_to_first_layer(tmp_path):
     hist = synthetic_history(5, 8)
     hist[3]["layers"]["layer2"]["signal"] = None  # missing samples stay blank
-    hist[0]["layers"]["layer4"]["signal"] = 0.0  # unusable first sample: the next one is the reference
+    hist[0]["layers"]["layer4"]["signal"] = 0.0  # unusable: blank, not -inf
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         fig = history_heatmap(hist, "signal")
     render(fig, tmp_path / "h.png")
     arr = image(fig, "signal").get_array()
     assert arr.shape == (6, 8)  # 5 layers + the late one, 8 steps
-    expect = np.array([[-s * i / 10 for s in range(8)] for i in range(5)] + [[np.nan] * 4 + [0.0] * 4])
+    # layer0 holds 0.5 at every step: each cell is log10(value / 0.5)
+    expect = np.array([[-s * i / 10 for s in range(8)] for i in range(5)]
+                      + [[np.nan] * 4 + [math.log10(3.0 / 0.5)] * 4])
     expect[2, 3] = np.nan
-    expect[4] = [np.nan] + [-(s - 1) * 4 / 10 for s in range(1, 8)]
+    expect[4, 0] = np.nan
     np.testing.assert_allclose(np.ma.filled(arr.astype(float), np.nan), expect, atol=1e-12, equal_nan=True)
     lo, hi = image(fig, "signal").get_clim()
     assert lo == -hi and hi >= 2
@@ -320,10 +322,10 @@ def test_plot_history_skips_metrics_without_data(tmp_path):
     hist = synthetic_history(6, 10)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        fig = plot_history(hist)  # signal, saturated (never measured), dead
+        fig = plot_history(hist)  # signal, gradient, saturated (never measured), dead
     render(fig, tmp_path / "history.png")
     gids = [im.get_gid() for ax in fig.axes for im in ax.get_images()]
-    assert gids == ["heatmap-signal", "heatmap-dead"]
+    assert gids == ["heatmap-signal", "heatmap-grad_q", "heatmap-dead"]
     assert initdoctor.plot_history is plot_history
     empty = plot_history([])
     assert render(empty, tmp_path / "empty.png").startswith(PNG)
@@ -346,9 +348,12 @@ def test_history_from_real_diagnoses(batch):
     assert [im.get_gid() for ax in fig.axes for im in ax.get_images()] == [
         "heatmap-signal", "heatmap-grad_q", "heatmap-dead"]
     sig = np.ma.filled(image(fig, "signal").get_array().astype(float), np.nan)
-    first = [r["layers"]["0"]["signal"] for r in hist]
-    np.testing.assert_allclose(sig[0], np.log10(np.array(first) / first[0]))
-    assert sig[0, 0] == 0.0 and sig[0, 2] < sig[0, 1] < 0  # halving the weights shrinks the signal
+    first = np.array([r["layers"]["0"]["signal"] for r in hist])
+    last = np.array([r["layers"]["6"]["signal"] for r in hist])
+    np.testing.assert_allclose(sig[0], 0.0, atol=1e-12)
+    np.testing.assert_allclose(sig[-1], np.log10(last / first))
+    # halving every weight shrinks the last layer's signal faster than the first's
+    assert sig[-1, 2] < sig[-1, 1] < sig[-1, 0]
 
 
 # --- export -------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""initdoctor.watch: sampling, warnings, TensorBoard output read back, training untouched, DDP."""
+"""initdoctor.watch: sampling, warnings, training untouched, DDP (TensorBoard output: test_tensorboard.py)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,6 @@ from torch import nn
 
 import initdoctor
 from initdoctor.watcher import InitDoctorWarning
-
-EA = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
 
 
 def tanh_mlp(depth: int = 5, width: int = 32, std: float | None = None) -> nn.Sequential:
@@ -98,78 +96,6 @@ def test_finding_that_appears_warns_exactly_once():
     sat = [m for m in ours if "ID301" in m]
     assert len(sat) == 1, ours
     assert "step 4" in sat[0]
-
-
-def _scalars(log_dir: str):
-    acc = EA.EventAccumulator(log_dir, size_guidance={EA.SCALARS: 0, EA.IMAGES: 0, EA.TENSORS: 0,
-                                                      EA.HISTOGRAMS: 0})
-    acc.Reload()
-    return acc
-
-
-def test_tensorboard_event_files_hold_every_series(tmp_path):
-    model = tanh_mlp(3)
-    with initdoctor.watch(model, log_dir=str(tmp_path), every=2, images_every=1) as doctor:
-        train(model, 6, doctor)
-    acc = _scalars(str(tmp_path))
-    tags = acc.Tags()
-    weight_layers = ["0", "2", "4", "6"]
-    for name in weight_layers:
-        for metric in ("signal", "gradient"):
-            events = acc.Scalars(f"initdoctor/{metric}/{name}")
-            assert [e.step for e in events] == [0, 2, 4]
-            assert all(e.value > 0 for e in events)
-    for act in ("1", "3", "5"):
-        assert [e.step for e in acc.Scalars(f"initdoctor/saturation/{act}")] == [0, 2, 4]
-    # the scalar equals what the watcher measured
-    first = doctor.history[0]["layers"]["2"]["signal"]
-    assert acc.Scalars("initdoctor/signal/2")[0].value == pytest.approx(first, rel=1e-6)
-    assert "initdoctor/depth_profile" in tags["images"]
-    assert "initdoctor/history" in tags["images"]
-    assert any(t.startswith("initdoctor/weights/") for t in tags["histograms"])
-    assert any(t.startswith("initdoctor/activations/") for t in tags["histograms"])
-    text = [t for t in tags["tensors"] if t.startswith("initdoctor/findings")]
-    assert text
-    layout = [t for t in tags["tensors"] if "custom_scalars" in t]
-    assert layout
-
-
-def test_custom_scalar_layout_has_one_chart_per_metric(tmp_path):
-    from tensorboard.plugins.custom_scalar import layout_pb2
-
-    model = tanh_mlp(2)
-    with initdoctor.watch(model, log_dir=str(tmp_path), every=1, images_every=100) as doctor:
-        train(model, 1, doctor)
-    acc = _scalars(str(tmp_path))
-    tensor = acc.Tensors("custom_scalars__config__")[0]
-    layout = layout_pb2.Layout()
-    layout.ParseFromString(tensor.tensor_proto.string_val[0])
-    charts = {c.title: list(c.multiline.tag) for cat in layout.category for c in cat.chart}
-    assert charts["gradient G = mean((dL/dy)^2)"] == ["initdoctor/gradient/.*"]
-    assert any(tags == ["initdoctor/dead/.*"] for tags in charts.values())
-
-
-def test_check_tensorboard_writes_before_and_after(tmp_path):
-    from initdoctor.cli import main
-
-    model_file = tmp_path / "m.py"
-    model_file.write_text(
-        "import torch\nfrom torch import nn\n"
-        "def build_model():\n"
-        "    torch.manual_seed(0)\n"
-        "    layers = []\n"
-        "    for _ in range(6):\n"
-        "        lin = nn.Linear(32, 32); nn.init.normal_(lin.weight, 0, 1.0); layers += [lin, nn.ReLU()]\n"
-        "    return nn.Sequential(*layers, nn.Linear(32, 2))\n"
-        "def example_input():\n    return torch.randn(64, 32)\n")
-    tb = tmp_path / "tb"
-    assert main(["check", str(model_file), "--fix", "--tensorboard", str(tb), "--fail-on", "never",
-                 "--format", "json", "--output", str(tmp_path / "r.json")]) == 0
-    acc = _scalars(str(tb))
-    events = acc.Scalars("initdoctor/scale/0")
-    assert [e.step for e in events] == [0, 1]
-    # N(0, 1) weights blow the scale up; the cure brings it down
-    assert events[0].value > 10 * events[1].value
 
 
 def _free_port() -> int:

@@ -180,7 +180,7 @@ def _draw_fractions(ax: Axes, layers, position: dict[str, int], after: bool) -> 
     return present
 
 
-def depth_profile(diag, after=None) -> Figure:
+def depth_profile(diag, after=None, *, title: str | None = None) -> Figure:
     """Per weight layer, in execution order: how signal, gradient, saturation and death change.
 
     Top: the input-dependent signal and the gradient G on a log scale, each divided by its first
@@ -219,8 +219,9 @@ def depth_profile(diag, after=None) -> Figure:
         _draw_curves(top, after_layers, position, "after")
     top.set_ylabel("ratio to first layer")
     top.grid(True, which="major", axis="y", color="#EEEEEE", lw=0.6)
-    title = f"initdoctor depth profile: {diag.target}"
-    top.set_title(title + ("  —  before / after" if after is not None else ""), loc="left", fontsize=11)
+    if title is None:
+        title = f"initdoctor depth profile: {diag.target}" + ("  —  before / after" if after is not None else "")
+    top.set_title(title, loc="left", fontsize=11)
     if not n:
         top.text(0.5, 0.5, "no weight layer ran", transform=top.transAxes, ha="center", va="center")
     top.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
@@ -300,8 +301,9 @@ def _history_layers(history: Sequence[dict]) -> list[str]:
 def history_matrix(history: Sequence[dict], metric: str) -> tuple[np.ndarray, list[str], list[Any]]:
     """(layers x steps) float array of what `history_heatmap` colours, NaN where nothing was measured.
 
-    signal / q / grad_q: log10 of the value over the layer's first usable sample; saturated / dead:
-    the raw share.
+    signal / q / grad_q: log10 of the value over the first layer's value at the same step (the
+    first layer, in record order, with a usable value there), so a layer that falls behind the
+    others changes colour even when the whole network drifts; saturated / dead: the raw share.
     """
     import numpy as np
 
@@ -309,14 +311,14 @@ def history_matrix(history: Sequence[dict], metric: str) -> tuple[np.ndarray, li
     names = _history_layers(history)
     steps = [rec.get("step", i) for i, rec in enumerate(history)]
     data = np.full((len(names), len(history)), np.nan)
-    for i, name in enumerate(names):
-        raw = [(rec.get("layers", {}).get(name) or {}).get(key) for rec in history]
+    for j, rec in enumerate(history):
+        raw = [(rec.get("layers", {}).get(name) or {}).get(key) for name in names]
         if key in FRACTION_METRICS:
-            data[i] = [_fraction(v) for v in raw]
+            data[:, j] = [_fraction(v) for v in raw]
         else:
             ratios, first = _ratios(raw)
             if first is not None:
-                data[i] = np.log10(np.asarray(ratios, dtype=float))
+                data[:, j] = np.log10(np.asarray(ratios, dtype=float))
     return data, names, steps
 
 
@@ -335,7 +337,7 @@ def _draw_heatmap(fig: Figure, ax: Axes, history: Sequence[dict], metric: str):
     else:  # diverging and symmetric: no change is the neutral middle
         span = max(2.0, float(np.abs(finite).max()))
         cmap, vmin, vmax = colormaps["PuOr_r"], -span, span
-        label = "log10(value / first sample)"
+        label = "log10(value / first layer)"
     cmap = cmap.with_extremes(bad=(0.0, 0.0, 0.0, 0.0))  # not measured: the hatched background shows
     ax.patch.set_facecolor("white")
     ax.patch.set_hatch("////")
@@ -366,7 +368,8 @@ def history_heatmap(history: Sequence[dict], metric: str) -> Figure:
     """One heatmap of a watched run: layers down, sampled steps across, one cell per measurement.
 
     In the spirit of fastai's "colourful dimension" plots: signal/q/grad_q are coloured by log10 of
-    each layer's ratio to its own first sample (a diverging map centred on "no change"), saturated
+    each layer's ratio to the first layer at the same step (a diverging map centred on "as the
+    first layer"), saturated
     and dead by their raw share with fixed limits 0..1. Cells never measured are hatched.
     """
     key = _metric_key(metric)
@@ -381,7 +384,8 @@ def history_heatmap(history: Sequence[dict], metric: str) -> Figure:
     return fig
 
 
-def plot_history(history: Sequence[dict], metrics: Iterable[str] = ("signal", "saturated", "dead")) -> Figure:
+def plot_history(history: Sequence[dict], metrics: Iterable[str] = ("signal", "grad_q", "saturated", "dead"), *,
+                 title: str = "initdoctor: watched run") -> Figure:
     """One heatmap per metric (see `history_heatmap`), stacked in one figure; metrics with no data
     are left out."""
     import numpy as np
@@ -402,7 +406,7 @@ def plot_history(history: Sequence[dict], metrics: Iterable[str] = ("signal", "s
     for ax in axes[:-1]:
         ax.set_xlabel("")
         ax.tick_params(axis="x", labelbottom=False)
-    fig.suptitle("initdoctor: watched run", x=0.01, ha="left", fontsize=11)
+    fig.suptitle(title, x=0.01, ha="left", fontsize=11)
     return fig
 
 
