@@ -119,8 +119,13 @@ def test_fit_writes_beside_the_loss_and_trains_bit_identically(tmp_path):
     assert tags and "train_loss" in acc.Tags()["scalars"]
     assert steps_of(acc, tags) == {0, 2, 4}
     assert {e.step for e in acc.Scalars("train_loss")} >= {0, 2, 4}
+    # the whole diagnosis as the initdoctor tab's plugin data, at every sampled step
+    from initdoctor.tensorboard_plugin.metadata import DIAGNOSIS_TAG, PLUGIN_NAME
+
+    assert acc.SummaryMetadata(DIAGNOSIS_TAG).plugin_data.plugin_name == PLUGIN_NAME
+    assert [e.step for e in acc.Tensors(DIAGNOSIS_TAG)] == [0, 2, 4]
     # the check on the first batch is a run of its own beside the training run
-    assert ours(events(os.path.join(trainer.logger.log_dir, "initdoctor_check")))
+    assert ours(events(os.path.join(trainer.logger.log_dir, "initdoctor_check", "before")))
     assert cb.check is not None and cb.check.stats.layer("net.0").samples == 8
 
 

@@ -76,7 +76,7 @@ def test_trainer_run_writes_beside_the_loss_and_trains_bit_identically(tmp_path)
     lay = cb.doctor.last.stats.layer("bert.encoder.layer.1.output.dense")
     assert lay.samples == 4 * 8 and lay.grad_q > 0
     assert cb.check is not None and cb.check.stats.layer("classifier").samples == 4
-    assert [t for t in events(runs[0] / "initdoctor_check").Tags()["scalars"] if t.startswith("initdoctor")]
+    assert [t for t in events(runs[0] / "initdoctor_check" / "before").Tags()["scalars"] if t.startswith("initdoctor")]
 
 
 def test_sick_model_is_warned_once(tmp_path):

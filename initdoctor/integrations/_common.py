@@ -24,7 +24,7 @@ def check_at_start(model: nn.Module, batch: Any, example_input: Callable[[Any], 
                    loss_fn: Callable | None, doctor: Watch, log_dir: str | None, step: int,
                    log: logging.Logger) -> Diagnosis | None:
     """`initdoctor.check` on the first batch: logged, warned through the watch (once per finding),
-    and written as its own TensorBoard run `<log_dir>/initdoctor_check` by the writing rank."""
+    and written as its own TensorBoard run `<log_dir>/initdoctor_check/before` by the writing rank."""
     inputs = example_input(batch) if example_input is not None else first_input(batch)
     try:
         diag = check(model, inputs, loss_fn=loss_fn)  # a dict batch is passed as keywords: model(**batch)

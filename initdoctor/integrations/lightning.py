@@ -43,7 +43,7 @@ class InitDoctorCallback(Callback):
         every: sample one optimizer step in this many (global steps 0, every, 2*every, ...).
         log_dir: write here instead of the Trainer's TensorBoard logger.
         check_at_start: run `initdoctor.check` on the first batch before training, log it, write it
-            as the run `<run dir>/initdoctor_check`.
+            as the run `<run dir>/initdoctor_check/before`.
         module: the attribute path of the submodule to watch (default: the LightningModule; its
             `forward` should be what `training_step` calls).
         example_input: batch -> the model's input, for the check (default: a tensor batch as is, the

@@ -61,7 +61,7 @@ class InitDoctorCallback(TrainerCallback):
         every: sample one optimizer step in this many (global steps 0, every, 2*every, ...).
         log_dir: write here instead of the Trainer's TensorBoard run directory.
         check_at_start: run `initdoctor.check` on the first training batch before training, log it,
-            and write it as the run `<run dir>/initdoctor_check`.
+            and write it as the run `<run dir>/initdoctor_check/before`.
         example_input: batch -> the model's input, for the check (default: a dict batch is passed as
             keyword arguments, `model(**batch)`, as the Trainer does).
         loss_fn: `loss_fn(output, batch)` for the check's backward pass (default: a random projection
