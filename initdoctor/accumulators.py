@@ -345,7 +345,8 @@ def build_stats(model: nn.Module, layers: dict[str, nn.Module], graph: Graph, ac
              if isinstance(m, NORM_MODULES) and n not in layers and
              isinstance(getattr(m, "weight", None), torch.Tensor) and bool((local(m.weight).detach() != 0).any())]
     out_bad = int(host[Key("outbad")].sum()) if Key("outbad") in host else 0
-    stats = ModelStats(out, acts, norms, out_bad, backward, residual_adds=graph.residual_adds)
+    stats = ModelStats(out, acts, norms, out_bad, backward, residual_adds=graph.residual_adds,
+                       trained_norms=[n for n in norms if _varies(model.get_submodule(n))])
     for key, t in host.items():
         if key.what in ("values", "wvalues"):
             stats.values[("activations" if key.what == "values" else "weights", key.name)] = t.float()
@@ -355,6 +356,17 @@ def build_stats(model: nn.Module, layers: dict[str, nn.Module], graph: Graph, ac
             if bad:
                 stats.nonfinite_params.append((pname, int(bad)))
     return stats
+
+
+def _varies(norm: nn.Module) -> bool:
+    """Whether a norm layer's affine parameters differ across channels: gains a model was trained to,
+    which no initialization chooses (at init they are constant: ones and zeros, or one chosen value)."""
+    for p in (getattr(norm, "weight", None), getattr(norm, "bias", None)):
+        if isinstance(p, torch.Tensor) and p.numel() > 1:
+            v = local(p).detach()
+            if bool((v != v.reshape(-1)[0]).any()):
+                return True
+    return False
 
 
 def _ties(stats: list[LayerStats], layers: dict[str, nn.Module]) -> None:

@@ -91,7 +91,12 @@ def make_plan(stats: ModelStats, findings: list[Finding], keep: tuple[str, ...] 
         plan.append(entry)
     if sick:
         for name in stats.norms:
-            plan.append(Prescription(name, "ones", 1.0, "-", "zeros", "norm layers start as the identity",
-                                     apply=True, recommended="ones"))
+            if name in stats.trained_norms and scheme is None:  # a checkpoint's gains: DESIGN keeps them
+                plan.append(Prescription(name, "keep", 1.0, "-", "keep", "trained norm gains (they differ "
+                                         "across channels) are kept; --scheme resets them", apply=False,
+                                         recommended="ones"))
+            else:
+                plan.append(Prescription(name, "ones", 1.0, "-", "zeros", "norm layers start as the identity",
+                                         apply=True, recommended="ones"))
     assert all(p.scheme in SCHEMES for p in plan)
     return plan

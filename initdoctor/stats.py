@@ -256,6 +256,7 @@ class ModelStats:
     unknown_ops: list[tuple[str, str]] = field(default_factory=list)  # (layer, op) for unknown consumers
     nonfinite_params: list[tuple[str, int]] = field(default_factory=list)  # other than layer weights
     residual_adds: int = 0  # additions of two signals of the network (skip connections)
+    trained_norms: list[str] = field(default_factory=list)  # norms whose gains vary across channels
     # (kind, layer) -> a few values of weights/activations for histograms; never serialized
     values: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict, repr=False)
 

@@ -221,3 +221,34 @@ def test_save_fixed_writes_a_loadable_state_dict(tmp_path, tiny, capsys):
     for k, v in ref.state_dict().items():
         assert torch.equal(state[k], v), k
     assert not _id2(initdoctor.check(fresh, mod.example_input()))
+
+
+def test_trained_norm_gains_are_kept_unless_a_scheme_is_forced():
+    """DESIGN: norm layers are reset only on a model at init; a checkpoint's gains vary across channels."""
+
+    def trained_like() -> nn.Sequential:
+        torch.manual_seed(0)
+        layers = []
+        for _ in range(8):
+            layers += [nn.Linear(64, 64), nn.Tanh(), nn.LayerNorm(64)]
+        model = nn.Sequential(*layers, nn.Linear(64, 10))
+        with torch.no_grad():
+            for m in model:
+                if isinstance(m, nn.Linear):
+                    m.weight.normal_(0, 1.0)  # saturates every tanh
+                if isinstance(m, nn.LayerNorm):
+                    m.weight.uniform_(0.5, 1.5)  # as training leaves them
+        return model
+
+    model = trained_like()
+    norms = {n: p.detach().clone() for n, p in model.named_parameters()
+             if isinstance(model.get_submodule(n.rsplit(".", 1)[0]), nn.LayerNorm)}
+    x = torch.randn(64, 64)
+    r = initdoctor.fix(model, x)
+    assert r.written and "ID301" in r.before.codes()
+    assert all(torch.equal(p, norms[n]) for n, p in model.named_parameters() if n in norms)
+    (kept,) = [p for p in r.plan if p.layer == "2"]
+    assert kept.scheme == "keep" and "trained norm gains" in kept.reason
+    forced = trained_like()
+    r = initdoctor.fix(forced, x, scheme="xavier_uniform")
+    assert "2.weight" in r.written and bool((forced[2].weight == 1).all())
