@@ -224,14 +224,23 @@ class Accumulators:
         return acc
 
     def activation(self, call: ActivationCall) -> None:
-        acc = self._acc(call.record, call.kind, call.layer, call.module)
         ud = self.unit_dims.get(call.layer, -1) if call.layer else (1 if call.out.dim() >= 4 else -1)
+        if call.layer and ud == -1 and call.out.dim() >= 4:
+            width = self.out[call.layer].units if call.layer in self.out else 0
+            if width and call.out.shape[-1] != width:
+                ud = 1  # the layer's output viewed as an image (a generator's head): channels are the units
         y = call.out.detach()
         dims = sample_dims(y, ud)
         if dims is None:  # units last: a (samples, units) view, no copy
             y, dims = units_view(y, ud), [0]
+        units = (y.shape[ud] if dims != [0] else y.shape[1]) if y.numel() else 0
+        record, k = call.record, 1
+        while record in self.acts and self.acts[record].units and units and self.acts[record].units != units:
+            k += 1  # one record, another width (a dense block's growing concatenation): a record of its own
+            record = f"{call.record}#{k}"
+        acc = self._acc(record, call.kind, call.layer, call.module)
         if y.numel():
-            acc.units = y.shape[ud] if dims != [0] else y.shape[1]
+            acc.units = units
             acc.n += y.numel() / acc.units
         if call.kind in vocab.SATURATING:
             cnt = saturated(call.kind, y.float()).sum(dim=dims).double()

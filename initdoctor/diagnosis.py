@@ -202,7 +202,7 @@ def fix(model: nn.Module, example_input: Any, loss_fn: Callable | None = None, s
     else:
         plan = [replace(p, gain=p.gain * factors[p.layer]) if p.layer in factors else p for p in plan]
     concluded = conclude(Context(after.stats, after.trends, Prescriber(tanh_depth(after.stats)), after.findings,
-                                 FixOutcome(cured)), select, ignore)
+                                 FixOutcome(cured, tuple(keep))), select, ignore)
     after = replace(after, findings=concluded, fix_log=log)
     return FixResult(replace(before, after=after, plan=plan), after, plan, written, cured, log)
 

@@ -250,6 +250,11 @@ class Graph:
             if kind == "tanh" and act == CUBIC:
                 kind = "gelu"
             return self._activation(kind, name, args, kwargs, x, out, srcs, inner)
+        if name in MATMULS and inner in self.weight_layers:
+            # the layer's own product (x @ W in HF's Conv1D; addmm's input is its second argument)
+            operand = args[1] if name in ("addmm", "baddbmm") and len(args) > 1 else x
+            srcs, act = self.lineage.get(operand)
+            name = "linear"
         if name in WEIGHT_OPS:
             self._linear(srcs)
             if inner in self.weight_layers and inner not in self.fed_by:
@@ -304,6 +309,8 @@ class Graph:
         if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)):
             return False
         (sx, ax), (sy, ay) = self.lineage.get(x), self.lineage.get(y)
+        if ax == MOMENT and ay != MOMENT:  # rsqrt(mean(x^2) + eps) * x: the same, written the other way
+            x, y, (sx, ax), (sy, ay) = y, x, (sy, ay), (sx, ax)
         if ay != MOMENT or ax == MOMENT or not sx or not (sy & sx):
             return False
         self.normalized.update(s for s in sx if s not in self.follows)

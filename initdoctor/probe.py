@@ -292,11 +292,13 @@ class Recorder:
         owners = self._owners.get(id(args[pos]))
         if not owners:
             return None
+        running = [o for o in owners if o in self._stack]
         if name in RIGHT_OPERAND:
-            self.graph.transposed.update(owners)
-        if any(o in self._stack for o in owners):
+            # x @ W inside the layer's own forward (HF's Conv1D): its weight is stored (in, out). Outside
+            # it (a decoder tied to an encoder) the product has other units: not the layer's output.
+            self.graph.transposed.update(running)
             return None
-        return owners[0]
+        return None if running else owners[0]
 
     # -- results --
     def finish(self, grads: dict[int, torch.Tensor] | None = None, backward: bool = True,
@@ -336,8 +338,10 @@ def cotangent_loss(output: Any, seed: int) -> torch.Tensor:
 def preserved(model: nn.Module, devices: list | None = None) -> Iterator[None]:
     """Put back train/eval modes, norm-layer running statistics and the global RNG afterwards."""
     modes = [(m, m.training) for m in model.modules()]
-    # every buffer: BatchNorm's running statistics, spectral norm's power-iteration vectors, ...
-    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    # every buffer: BatchNorm's running statistics, spectral norm's power-iteration vectors, ... by
+    # binding too: a forward may assign a new tensor to a buffer (`self.steps = self.steps + 1`)
+    buffers = [(m, name, b, b.detach().clone()) for m in model.modules()
+               for name, b in m._buffers.items() if b is not None]
     try:
         with torch.random.fork_rng(devices=devices or [], enabled=True):
             yield
@@ -345,8 +349,9 @@ def preserved(model: nn.Module, devices: list | None = None) -> Iterator[None]:
         for m, mode in modes:
             m.training = mode
         with torch.no_grad():
-            for buf, saved in buffers:
+            for m, name, buf, saved in buffers:
                 buf.copy_(saved)
+                m._buffers[name] = buf
 
 
 def examine(model: nn.Module, inputs: Any, loss_fn: Callable | None = None, seed: int = 0,

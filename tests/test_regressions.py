@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import initdoctor
@@ -136,3 +137,110 @@ def test_cli_forceable_schemes_are_the_plans():
     from initdoctor import cli, plan
 
     assert cli.FORCEABLE == plan.FORCEABLE
+
+
+# --- found in the review of the split probe and the modern-model work ---------------------------
+
+
+def test_a_weight_reused_as_x_at_w_outside_its_layer_is_not_its_output():
+    """A decoder tied to its encoder (`h @ enc.weight`): another product with other units."""
+
+    class TiedAE(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc = nn.Linear(20, 20)
+            with torch.no_grad():
+                self.enc.weight[1] = self.enc.weight[0]
+                self.enc.bias[1] = self.enc.bias[0]
+
+        def forward(self, x):
+            return torch.relu(self.enc(x)) @ self.enc.weight
+
+    torch.manual_seed(0)
+    d = initdoctor.check(TiedAE(), torch.randn(16, 20))
+    enc = d.stats.layer("enc")
+    assert not enc.transposed and enc.calls == 1
+    assert enc.symmetry[0].duplicate_groups == [[0, 1]]
+
+
+def test_buffers_a_forward_reassigns_are_put_back():
+    class Counting(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+            self.register_buffer("steps", torch.zeros(()))
+            self.register_buffer("ema", torch.zeros(4))
+
+        def forward(self, x):
+            y = self.lin(x)
+            if self.training:
+                self.steps = self.steps + 1
+                self.ema = 0.9 * self.ema + 0.1 * y.detach().mean(0)
+            return y
+
+    m = Counting()
+    steps, ema = m.steps, m.ema
+    initdoctor.check(m, torch.randn(8, 4))
+    assert m.steps is steps and m.ema is ema
+    assert float(m.steps) == 0.0 and bool((m.ema == 0).all())
+
+
+def test_one_functional_record_over_growing_concatenations():
+    """A dense block: F.relu of a concatenation whose width grows at each layer."""
+
+    class Dense(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.convs = nn.ModuleList(nn.Conv2d(8 + 4 * i, 4, 3, padding=1) for i in range(3))
+
+        def forward(self, x):
+            for conv in self.convs:
+                x = torch.cat([x, conv(F.relu(x))], 1)
+            return x
+
+    d = initdoctor.check(Dense(), torch.randn(4, 8, 8, 8))
+    assert sorted(a.units for a in d.stats.activations) == [8, 12, 16]
+
+
+def test_a_narrow_layer_killed_by_its_bias_is_dead_not_pooled():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(32, 8), nn.ReLU(), nn.Linear(8, 4))
+    with torch.no_grad():
+        m[0].bias.fill_(-3.0)
+    d = initdoctor.check(m, torch.randn(128, 32))
+    assert d.stats.layer("0").r < 0.05  # small r, from the bias, not from pooled inputs
+    assert "ID303" in d.codes()
+
+
+def test_conv1d_is_prescribed_as_its_linear_twin():
+    from tests.test_anatomy import Conv1D
+
+    def stack(layer):
+        torch.manual_seed(0)
+        return nn.Sequential(layer(64, 64), nn.Sigmoid(), layer(64, 64), nn.Sigmoid(), layer(10, 64))
+
+    conv = initdoctor.check(stack(Conv1D), torch.randn(32, 64))
+    lin = initdoctor.check(stack(lambda o, i: nn.Linear(i, o)), torch.randn(32, 64))
+    assert [lay.fed_by for lay in conv.layers] == [lay.fed_by for lay in lin.layers] == ["input", "sigmoid", "sigmoid"]
+    assert [p.recommended for p in conv.plan] == [p.recommended for p in lin.plan]
+
+
+def test_rmsnorm_written_with_the_statistic_first():
+    class RMS(nn.Module):
+        def forward(self, x):
+            return torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * x
+
+    m = nn.Sequential(nn.Linear(16, 32), RMS(), nn.Linear(32, 4))
+    d = initdoctor.check(m, torch.randn(8, 16))
+    assert d.stats.layer("0").normalized and d.stats.layer("2").fed_by == "other"
+    assert not [f for f in d.findings if f.code == "ID902"]
+
+
+def test_id906_names_layers_kept_from_the_cure():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4))
+    with torch.no_grad():
+        m[2].bias.fill_(-5.0)
+    r = initdoctor.fix(m, torch.randn(128, 32), keep=("2",))
+    (note,) = [f for f in r.after.findings if f.code == "ID906"]
+    assert "--keep" in note.message and "2" in note.message

@@ -53,6 +53,7 @@ class FixOutcome:
     """What `fix` achieved, for the rules that conclude on it (ID906)."""
 
     cured: bool
+    kept: tuple[str, ...] = ()  # layers the plan was told to leave alone (--keep)
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import fnmatch
+
 from .. import thresholds as T
 from .. import vocab
 from . import Context, Finding, Rule, architectural, compact, register
@@ -128,6 +130,10 @@ class InitCannotCure(Rule):
 
 def _what_it_lacks(ctx: Context, names: list[str], arch: bool) -> str:
     """The architectural change to name, from what the network has and has not."""
+    kept = [n for n in names if any(fnmatch.fnmatchcase(n, pat) for pat in ctx.outcome.kept)]
+    if kept:
+        return (f"{', '.join(kept[:4])} carry the problem but were excluded with --keep; the plan would "
+                f"re-draw them.")
     layers = [lay for lay in ctx.stats.layers if lay.name in names]
     fixed = sorted({lay.parametrization for lay in layers if lay.parametrization})
     if fixed:

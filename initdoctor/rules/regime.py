@@ -126,7 +126,7 @@ class DeadUnits(Rule):
                 sloped.append((sev, a))  # never positive, but their slope below zero keeps a gradient
                 continue
             lay = by_name.get(a.layer)
-            if lay is not None and lay.r is not None and lay.r < T.POOLED_R:
+            if lay is not None and lay.r is not None and lay.r < T.POOLED_R and not _biased_off(lay):
                 p = chance_of_dead(a.units, round(a.dead * a.units))
                 if p >= T.DEAD_CHANCE:
                     pooled.append((a, lay.r, p))
@@ -159,6 +159,15 @@ class DeadUnits(Rule):
                 f"gradient and can recover.",
                 never_positive={h[1].name: round(h[1].dead, 4) for h in sloped}))
         return out
+
+
+def _biased_off(lay) -> bool:
+    """Whether the layer's biases are negative as a whole and make up most of its output's second
+    moment: then its units are switched off on purpose or by a bad init, not by a coin flip (biases
+    drawn symmetric about zero, as by default, switch half of them off when the signal is gone)."""
+    if lay.bias_mean is None or not lay.q:
+        return False
+    return lay.bias_mean < 0 and lay.bias_mean ** 2 >= 0.5 * lay.q
 
 
 def chance_of_dead(units: int, dead: int) -> float:
