@@ -16,19 +16,13 @@ import initdoctor
 from initdoctor.cli import main
 from initdoctor.report import tensorboard as tb
 from initdoctor.tensorboard_plugin.metadata import DIAGNOSIS_TAG, PLUGIN_NAME
+from tests import test_watch as watch_tests
 
 EA = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
 
 
 def tanh_mlp(depth: int = 4, width: int = 16, std: float | None = None) -> nn.Sequential:
-    torch.manual_seed(0)
-    layers: list[nn.Module] = []
-    for _ in range(depth):
-        lin = nn.Linear(width, width)
-        if std is not None:
-            nn.init.normal_(lin.weight, 0.0, std)
-        layers += [lin, nn.Tanh()]
-    return nn.Sequential(*layers, nn.Linear(width, 4))
+    return watch_tests.tanh_mlp(depth, width, std)
 
 
 def train(model: nn.Module, steps: int, doctor=None, writer=None) -> None:
