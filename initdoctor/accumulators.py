@@ -64,10 +64,12 @@ REDUCTIONS = {
     "w": Reduce.FIRST, "b": Reduce.FIRST,  # weight_vec of a layer's weight and bias
     "wmax": Reduce.MAX,  # largest |w| of a layer's weight (over shards too)
     "gw": Reduce.FIRST,  # [sum of squares, count] of a layer's weight gradient
-    "values": Reduce.FIRST, "wvalues": Reduce.FIRST,  # a few values for histograms
+    "values": Reduce.FIRST, "wvalues": Reduce.FIRST, "gvalues": Reduce.FIRST,  # a few values for histograms
     "stream": Reduce.SUM,  # a stream norm's [sum_r |g_r|^2 q_r, sum_r |g_r|^2] (rows r of its input)
 }
 MOMENT_PARTS = ("n", "mean", "m2")
+# kept values -> the ModelStats.values kind they fill (histograms)
+VALUE_KINDS = {"values": "activations", "wvalues": "weights", "gvalues": "weight_gradients"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -306,6 +308,10 @@ class Accumulators:
             w = main_weight(layers[name]) if name in layers else None
             if w is not None:
                 items.append((Key("wvalues", name), local(w).detach().reshape(-1)[: self.keep_values].double().clone()))
+            tw = trained_weight(layers[name]) if name in layers else None
+            if grads is not None and tw is not None and grads.get(id(tw)) is not None:
+                g = local(grads[id(tw)].detach()).reshape(-1)[: self.keep_values].double().clone()
+                items.append((Key("gvalues", name), g))
         if self.out_bad:
             dev = self.out_bad[0].device
             items.append((Key("outbad"), torch.cat([t.to(dev) for t in self.out_bad]).sum(0, True)))
@@ -357,8 +363,8 @@ def build_stats(model: nn.Module, layers: dict[str, nn.Module], graph: Graph, ac
     stats = ModelStats(out, acts, norms, out_bad, backward, residual_adds=graph.residual_adds,
                        trained_norms=[n for n in norms if _varies(model.get_submodule(n))])
     for key, t in host.items():
-        if key.what in ("values", "wvalues"):
-            stats.values[("activations" if key.what == "values" else "weights", key.name)] = t.float()
+        if key.what in VALUE_KINDS:
+            stats.values[(VALUE_KINDS[key.what], key.name)] = t.float()
     stats.unknown_ops = [(lay.name, graph.unknown[lay.name]) for lay in out if lay.name in graph.unknown]
     if Key("pbad") in host:
         for (pname, _), bad in zip(_other_params(model, layers), host[Key("pbad")].tolist()):

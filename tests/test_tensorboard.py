@@ -331,3 +331,20 @@ def test_tensorboard_serves_every_sampled_step_of_a_long_run(tmp_path):
         assert runs["long"]["steps"] == list(range(12))
         history = json.loads(get(f"{url}/data/plugin/initdoctor/history?run=long"))
         assert history["steps"] == list(range(12)) and history["layers"] == ["0", "2", "4"]
+
+
+def test_check_writes_weight_gradient_histograms(tmp_path):
+    from initdoctor.cli import main
+
+    f = tmp_path / "m.py"
+    f.write_text("import torch\nfrom torch import nn\n"
+                 "def build_model():\n    torch.manual_seed(0)\n"
+                 "    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 2))\n"
+                 "def example_input():\n    return torch.randn(32, 8)\n")
+    assert main(["check", str(f), "--tensorboard", str(tmp_path / "tb"), "--fail-on", "never"]) == 0
+    acc = EA.EventAccumulator(str(tmp_path / "tb" / "before"), size_guidance={EA.HISTOGRAMS: 0})
+    acc.Reload()
+    grads = [t for t in acc.Tags()["histograms"] if t.startswith("initdoctor.weight_gradients/")]
+    assert len(grads) == 2
+    h = acc.Histograms(grads[0])[0].histogram_value
+    assert h.num == 8 * 16 and h.max > h.min  # every entry of the first layer's gradient, not constant

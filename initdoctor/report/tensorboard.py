@@ -37,7 +37,7 @@ SUMMARY_TITLES = {
 FINDINGS_TAG = "initdoctor.findings"
 # stats.values kind -> histogram group. The probe samples each weight layer's output (before the
 # nonlinearity); "outputs" says so, and sorts after the log10 scalars in Time Series.
-HISTOGRAM_GROUPS = {"weights": "weights", "activations": "outputs"}
+HISTOGRAM_GROUPS = {"weights": "weights", "activations": "outputs", "weight_gradients": "weight_gradients"}
 LAYOUT_CATEGORY = "initdoctor"
 
 
@@ -233,8 +233,9 @@ def write_figures(writer: Any, diag, step: int, *, after=None, history: list | N
             v = values[values.isfinite()]
             if v.numel() and name in keys and kind in HISTOGRAM_GROUPS:
                 writer.add_histogram(f"initdoctor.{HISTOGRAM_GROUPS[kind]}/{keys[name]}", v, step)
+        kept = {name for kind, name in diag.stats.values if kind == "weight_gradients"}
         for name, g in (grads or {}).items():
-            if g is None or name not in keys:
+            if g is None or name not in keys or name in kept:
                 continue
             g = g.detach().reshape(-1)[:4096].float().cpu()
             g = g[g.isfinite()]
