@@ -290,8 +290,9 @@ class Accumulators:
             if w is not None:
                 lw = local(w).detach()
                 items.append((Key("w", name, sharded=sharded(w)), weight_vec(lw)))
-                if lw.numel():
-                    items.append((Key("wmax", name), as_float(lw).abs().amax().double().reshape(1)))
+                if lw.numel():  # the largest |w| without an |w| copy of the whole weight
+                    lo, hi = torch.aminmax(lw)
+                    items.append((Key("wmax", name), torch.maximum(-lo, hi).double().reshape(1)))
                 tw = trained_weight(m)
                 if grads is not None and tw is not None and id(tw) in grads:
                     g = grads[id(tw)]
