@@ -271,7 +271,7 @@ class Recorder:
     # -- functional calls --
     def _on_function(self, name: str, args: tuple, kwargs: dict, out: Any) -> None:
         inner = self._stack[-1] if self._stack else None
-        borrowed = self._weight_use(name, args) if self._owners else None
+        borrowed = self._weight_use(name, args, kwargs) if self._owners else None
         call, norm = self.graph.on_function(name, args, kwargs, out, borrowed or inner)
         if call is not None:
             self.acc.activation(call)
@@ -284,12 +284,15 @@ class Recorder:
             with torch._C.DisableTorchFunction():
                 self._record_layer(borrowed, self.modules[borrowed], out)
 
-    def _weight_use(self, name: str, args: tuple) -> str | None:
+    def _weight_use(self, name: str, args: tuple, kwargs: dict) -> str | None:
         """Note how a layer's weight is used; the layer, when it is used outside its own forward."""
         pos = WEIGHT_ARG.get(name, RIGHT_OPERAND.get(name))
-        if pos is None or len(args) <= pos or not isinstance(args[pos], torch.Tensor):
+        if pos is None:
             return None
-        owners = self._owners.get(id(args[pos]))
+        w = args[pos] if len(args) > pos else kwargs.get("weight" if name in WEIGHT_ARG else "mat2")
+        if not isinstance(w, torch.Tensor):
+            return None
+        owners = self._owners.get(id(w))
         if not owners:
             return None
         running = [o for o in owners if o in self._stack]

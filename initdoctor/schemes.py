@@ -157,4 +157,7 @@ class Prescriber:
 
     @staticmethod
     def looks_default(lay) -> bool:
-        return looks_default(lay.weight_std, lay.fan_in, lay.weight_absmax)
+        # torch draws its default from the fan it reads off the stored tensor: a transposed
+        # convolution's (in, out) weight gives it the forward fan-out
+        fan = lay.fan_out if lay.kind == vocab.CONV_TRANSPOSE else lay.fan_in
+        return looks_default(lay.weight_std, fan, lay.weight_absmax)

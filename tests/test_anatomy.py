@@ -108,3 +108,30 @@ def test_normal_draws_are_not_called_pytorch_default():
     d = initdoctor.check(deep, torch.randn(128, 256))
     (f,) = [f for f in d.findings if f.code == "ID203"]
     assert not f.evidence.get("pytorch_default") and "default" not in f.message
+
+
+def test_weights_passed_to_f_linear_by_keyword_are_measured():
+    class Head(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(8, 4)
+
+        def forward(self, x):
+            return F.linear(input=x, weight=self.proj.weight, bias=self.proj.bias)
+
+    d = initdoctor.check(Head(), torch.randn(16, 8))
+    assert d.stats.layer("proj").index == 0 and d.stats.layer("proj").grad_q > 0
+
+
+def test_pytorch_default_recognised_on_transposed_convolutions():
+    """torch draws a ConvTranspose's default from the fan of its stored (in, out, k, k) tensor."""
+    from initdoctor.schemes import Prescriber
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.ConvTranspose2d(64, 8, 3), nn.ReLU(), nn.ConvTranspose2d(8, 64, 3))
+    d = initdoctor.check(m, torch.randn(4, 64, 6, 6))
+    assert all(Prescriber().looks_default(lay) for lay in d.layers)
+    with torch.no_grad():
+        m[0].weight.normal_(0, float(m[0].weight.std()))
+    d = initdoctor.check(m, torch.randn(4, 64, 6, 6))
+    assert not Prescriber().looks_default(d.stats.layer("0"))

@@ -50,8 +50,8 @@ class ConstantWeights(Rule):
                     sev, [where],
                     f"every entry of {where} ({lay.type} {'x'.join(map(str, sym.shape or lay.weight_shape))}) is {what}; {why}."
                     + ("" if sev == "info" else " Draw it at random (Xavier or He, see the plan)."),
-                    rows=sym.rows, zero=sym.zero, gradient_constant=sym.grad_constant))
-        return compact(out, lambda f: (f.severity, f.evidence["zero"], f.evidence["gradient_constant"]))
+                    rows=sym.rows, zero=sym.zero, gradient_constant=sym.grad_constant, value=value))
+        return compact(out, lambda f: (f.severity, f.evidence["value"], f.evidence["gradient_constant"]))
 
 
 def _dups(stats: ModelStats, frozen: bool):
