@@ -111,10 +111,32 @@ class Monitor:
         pass
 
 
+class Inline:
+    """In place of `Watch`'s worker: every job at once on the training thread, as before issue 16."""
+
+    def __init__(self, job: Callable) -> None:
+        self.job, self._thread = job, None
+
+    def submit(self, item: Any) -> None:
+        self.job(item)
+
+    def drain(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+    def take_error(self) -> None:
+        return None
+
+
 class Watch(Monitor):
-    def __init__(self, model: nn.Module, every: int, log_dir: str | None, wait: bool = True, **kw: Any) -> None:
+    def __init__(self, model: nn.Module, every: int, log_dir: str | None, wait: bool = True, inline: bool = False,
+                 **kw: Any) -> None:
         self.wait = wait
         self.doctor = initdoctor.watch(model, log_dir=log_dir, every=every, **kw).__enter__()
+        if inline:
+            self.doctor._worker = Inline(self.doctor._process)
 
     def after(self, model, step, loss):
         self.doctor.step(wait=self.wait)
@@ -217,6 +239,8 @@ def variants(more: bool) -> list[Variant]:
     if more:
         out += [
             Variant("watch every=10", lambda m, d: Watch(m, 10, None), 1.03),
+            Variant("watch every=10, log_dir, no worker (as before)", lambda m, d: Watch(m, 10, d, inline=True), 1.03),
+            Variant("watch every=10, log_dir", lambda m, d: Watch(m, 10, d), 1.03),
             Variant("watch every=100, log_dir", lambda m, d: Watch(m, 100, d), 1.01),
             Variant("watch every=10, log_dir, step(wait=False)", lambda m, d: Watch(m, 10, d, wait=False), 1.03),
             Variant("add_histogram every 100", lambda m, d: Histograms(m, 100, d)),
