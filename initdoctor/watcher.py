@@ -412,6 +412,10 @@ def watch(model: nn.Module, log_dir: str | None = None, writer: Any = None, ever
             had never stopped.
         logger: log findings here instead of the `"initdoctor"` logger.
 
+    TensorBoard writing runs on a background thread; `doctor.step(wait=False)` also moves the
+    statistics, rules and findings there (the step's warnings then come at the next `step()`), and
+    `close()` waits for all of it. See docs/python-api.md, "What runs where".
+
     Example:
         >>> with initdoctor.watch(model, log_dir="runs/exp1", every=100) as doctor:
         ...     for x, y in loader:
