@@ -1,26 +1,24 @@
-"""Training-step time under `initdoctor.watch` and the monitors people use instead.
+"""Training-step time under `initdoctor.watch` and the monitors people write instead.
 
     python benchmarks/watch_overhead.py            # print the tables
     python benchmarks/watch_overhead.py --write    # ... and update docs/performance.md
 
 Each monitor trains its own twin of the model (a deep copy, same batches, same optimizer), and the
-twins take their steps interleaved (A B C ... C A B ...), so load from other processes falls on all of
-them alike. A monitor that costs the same every step is compared over windows of 100 of its steps
-(every=100 then holds exactly one sampled step per window) with the no-monitor twin over the same
-steps: the median of these paired ratios is the "measured" figure. Monitors too slow to run on every
-step (`every=1`, histograms every step) step once every few rounds, in windows of 10 of their steps,
-against the no-monitor steps of the same span. The verdict uses an estimate from medians of CPU time
-instead (an observed step's extra over an unobserved one, spread over the period), which preemption by
-other processes disturbs far less than means of wall-clock time. With a log_dir, `watch` draws its
-figures (and histograms) only at the first sample and when it closes, by default: the first observed
-step and `close()` are timed on their own and reported as one-off costs. One torch thread throughout.
+twins take their steps interleaved, in a new random order every round, so load from other processes
+falls on all of them alike. A second twin with no monitor measures what that leaves: its ratio to the
+first should be 1, and its interval says how well this run resolves a ratio. The rounds are cut into
+blocks of 100 (every=100 then samples exactly once per block); per block, each twin's total step time
+divided by the no-monitor twin's over the same rounds is one ratio. The table gives the median of
+those block ratios with a 95% bootstrap interval (blocks resampled), on three clocks: wall time,
+the process's CPU time, the training thread's own CPU time (what `watch` leaves on it), and that
+plus the CPU clock of the monitor's worker thread (its whole cost: the process's CPU time would
+charge a worker's work to whichever twin steps meanwhile). One torch thread throughout.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import random
 import shutil
 import tempfile
@@ -31,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from common import machine, median, quartiles, setup_torch, table, verdict, write_section
+from common import machine, median, setup_torch, table, verdict, write_section
 from torch import nn
 from torch.nn import functional as F
 
@@ -43,7 +41,7 @@ LONG_RUN = 100_000  # steps over which the one-off costs are also spread, for sc
 WINDOW = 100  # steps per window for monitors that run every round
 SPARSE_WINDOW = 10  # steps per window for monitors that run every few rounds
 
-# --- models: small enough that hundreds of steps take seconds on one CPU thread ---------------
+# --- models: the three of issue 16, small enough for hundreds of steps on one CPU thread ----------
 
 
 class TinyTransformer(nn.Module):
@@ -59,14 +57,19 @@ class TinyTransformer(nn.Module):
 
 
 def mlp() -> nn.Module:
-    return nn.Sequential(nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
+    layers: list[nn.Module] = []
+    for i in range(10):
+        layers += [nn.Linear(784 if i == 0 else 512, 512), nn.Sigmoid()]
+    return nn.Sequential(*layers, nn.Linear(512, 10))
 
 
 def cnn() -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+    layers: list[nn.Module] = []
+    c = 3
+    for o in (16, 32, 32, 64):
+        layers += [nn.Conv2d(c, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU()]
+        c = o
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, 10))
 
 
 def seq_loss(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -83,10 +86,10 @@ class Task:
 
 
 TASKS = [
-    Task("MLP", "784-256-256-10, ReLU, batch 128", mlp,
+    Task("MLP", "784-512x10-10, sigmoid, batch 128", mlp,
          lambda: (torch.randn(128, 784), torch.randint(0, 10, (128,))), F.cross_entropy),
-    Task("CNN", "2 conv+BN+ReLU (16, 32 ch), 16x16 RGB, batch 16", cnn,
-         lambda: (torch.randn(16, 3, 16, 16), torch.randint(0, 10, (16,))), F.cross_entropy),
+    Task("CNN", "4 conv+BN+ReLU (16-32-32-64 ch), 8x8 RGB, batch 64", cnn,
+         lambda: (torch.randn(64, 3, 8, 8), torch.randint(0, 10, (64,))), F.cross_entropy),
     Task("Transformer", "2-layer encoder, d=64, 4 heads, 32 tokens, batch 8", TinyTransformer,
          lambda: (torch.randint(0, 500, (8, 32)), torch.randint(0, 500, (8, 32))), seq_loss),
 ]
@@ -95,30 +98,55 @@ TASKS = [
 
 
 class Monitor:
-    """What a monitor does around one training step; `sampled()` says whether this step is observed."""
-
-    period = 0  # steps between observed steps; 0: no such notion
-
-    def sampled(self, step: int) -> bool:
-        return False
+    """What a monitor does after one training step."""
 
     def after(self, model: nn.Module, step: int, loss: torch.Tensor) -> None:
         pass
+
+    def worker_cpu(self) -> float:
+        """CPU seconds spent so far by the monitor's own background thread (none: 0)."""
+        return 0.0
 
     def close(self) -> None:
         pass
 
 
-class Watch(Monitor):
-    def __init__(self, model: nn.Module, every: int, log_dir: str | None, **kw: Any) -> None:
-        self.period = every
-        self.doctor = initdoctor.watch(model, log_dir=log_dir, every=every, **kw).__enter__()
+class Inline:
+    """In place of `Watch`'s worker: every job at once on the training thread, as before issue 16."""
 
-    def sampled(self, step: int) -> bool:
-        return self.doctor.sampling
+    def __init__(self, job: Callable) -> None:
+        self.job, self._thread = job, None
+
+    def submit(self, item: Any) -> None:
+        self.job(item)
+
+    def drain(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+    def take_error(self) -> None:
+        return None
+
+
+class Watch(Monitor):
+    def __init__(self, model: nn.Module, every: int, log_dir: str | None, wait: bool = True, inline: bool = False,
+                 **kw: Any) -> None:
+        self.wait = wait
+        self.doctor = initdoctor.watch(model, log_dir=log_dir, every=every, **kw).__enter__()
+        if inline:
+            self.doctor._worker = Inline(self.doctor._process)
 
     def after(self, model, step, loss):
-        self.doctor.step()
+        self.doctor.step(wait=self.wait)
+
+    def worker_cpu(self):
+        # the thread's own CPU clock: `process_time` would charge it to whichever twin steps meanwhile
+        thread = self.doctor._worker._thread
+        if thread is not None and thread.is_alive():
+            self._worker_cpu = time.clock_gettime(time.pthread_getcpuclockid(thread.ident))
+        return getattr(self, "_worker_cpu", 0.0)
 
     def close(self):
         self.doctor.close()
@@ -126,8 +154,6 @@ class Watch(Monitor):
 
 class HandHooks(Monitor):
     """What people write by hand: a forward hook on every module logging its output's std."""
-
-    period = 1
 
     def __init__(self, model: nn.Module) -> None:
         self.stds: list[float] = []
@@ -139,15 +165,32 @@ class HandHooks(Monitor):
 
         self.handles = [m.register_forward_hook(hook) for m in model.modules()]
 
-    def sampled(self, step):
-        return True
-
     def after(self, model, step, loss):
         self.stds.clear()
 
     def close(self):
         for h in self.handles:
             h.remove()
+
+
+class ActivationStats(HandHooks):
+    """fastai's `ActivationStats` (callback/hook.py), written out since fastai is not installed here:
+    a forward hook on every module with parameters storing the output's mean, std and share near
+    zero (`(o <= 0.05)`), each read to the host with `.item()`, every batch."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.stats: list[dict] = []
+
+        def hook(module, args, o):
+            o = o.detach().float()
+            self.stats.append({"mean": o.mean().item(), "std": o.std().item(),
+                               "near_zero": (o <= 0.05).long().sum().item() / o.numel()})
+
+        self.handles = [m.register_forward_hook(hook) for m in model.modules()
+                        if not list(m.children()) and any(True for _ in m.parameters(recurse=False))]
+
+    def after(self, model, step, loss):
+        self.stats.clear()  # fastai keeps them; cleared here so memory does not grow with the run
 
 
 class Histograms(Monitor):
@@ -158,9 +201,6 @@ class Histograms(Monitor):
 
         self.period = every
         self.writer = SummaryWriter(log_dir=log_dir)
-
-    def sampled(self, step):
-        return step % self.period == 0
 
     def after(self, model, step, loss):
         if step % self.period == 0:
@@ -173,248 +213,192 @@ class Histograms(Monitor):
         self.writer.close()
 
 
-class Wandb(Monitor):
-    """`wandb.watch(model, log="all", log_freq=100)` in offline mode; its hooks log at `wandb.log`."""
-
-    period = 100
-
-    def __init__(self, model: nn.Module, log_dir: str) -> None:
-        import wandb
-
-        self.run = wandb.init(mode="offline", dir=log_dir, project="initdoctor-bench")
-        self.run.watch(model, log="all", log_freq=self.period)
-
-    def sampled(self, step):
-        return step % self.period == 0
-
-    def after(self, model, step, loss):
-        self.run.log({"loss": loss.item()}, step=step)
-
-    def close(self):
-        self.run.finish(quiet=True)
-
-
 @dataclass
 class Variant:
     name: str
     make: Callable[[nn.Module, str], Monitor]
-    stride: int = 1  # steps only every `stride` rounds: monitors too slow to run every round
-    # The round of its first step (stride 1), or its rounds modulo `stride`: periodic monitors sample
-    # in different rounds, so that no sampled step shares its round (or follows) another monitor's
-    # heavy step, whose writer threads may still run then and be counted as this process's CPU time.
-    offset: int = 0
+    target: float | None = None  # the issue's bound on the ratio, where it sets one
     close_wall: float = 0.0  # wall clock of the monitor's close()
-    close_cpu: float = 0.0  # CPU time of this process during close(): with a log_dir, the final figures
-    times: list[float] = field(default_factory=list)  # wall clock of each timed step
-    cpu: list[float] = field(default_factory=list)  # CPU time of this process during that step
-    rounds: list[int] = field(default_factory=list)  # the round of each timed step
-    flags: list[bool] = field(default_factory=list)  # whether the monitor observed that step
+    wall: list[float] = field(default_factory=list)  # per step: wall clock,
+    cpu: list[float] = field(default_factory=list)  # the process's CPU time (all threads),
+    thread: list[float] = field(default_factory=list)  # the training thread's CPU time
+    worker: list[float] = field(default_factory=list)  # per block: CPU time of the monitor's worker thread
 
 
-def variants() -> list[Variant]:
+def variants(more: bool) -> list[Variant]:
     out = [
         Variant("no monitor", lambda m, d: Monitor()),
-        Variant("watch every=1", lambda m, d: Watch(m, 1, None), stride=5, offset=2),
-        Variant("watch every=10", lambda m, d: Watch(m, 10, None), offset=5),
-        Variant("watch every=100", lambda m, d: Watch(m, 100, None)),
-        # default images_every=None: figures and histograms at the first sample and at close() only
-        Variant("watch every=100, log_dir", lambda m, d: Watch(m, 100, d), offset=20),
+        Variant("no monitor (second twin)", lambda m, d: Monitor()),
+        Variant("watch every=1", lambda m, d: Watch(m, 1, None), 1.15),
+        Variant("watch every=1, step(wait=False)", lambda m, d: Watch(m, 1, None, wait=False), 1.15),
+        Variant("watch every=10, step(wait=False)", lambda m, d: Watch(m, 10, None, wait=False), 1.03),
+        Variant("watch every=100", lambda m, d: Watch(m, 100, None), 1.01),
         Variant("hand hooks .std().item()", lambda m, d: HandHooks(m)),
-        Variant("add_histogram every step", lambda m, d: Histograms(m, 1, d), stride=20, offset=13),
-        Variant("add_histogram every 100", lambda m, d: Histograms(m, 100, d), offset=60),
+        Variant("fastai-style ActivationStats", lambda m, d: ActivationStats(m)),
     ]
-    if importlib.util.find_spec("wandb") is not None:
-        out.append(Variant("wandb.watch log=all, 100", lambda m, d: Wandb(m, d), offset=80))
+    if more:
+        out += [
+            Variant("watch every=10", lambda m, d: Watch(m, 10, None), 1.03),
+            Variant("watch every=10, log_dir, no worker (as before)", lambda m, d: Watch(m, 10, d, inline=True), 1.03),
+            Variant("watch every=10, log_dir", lambda m, d: Watch(m, 10, d), 1.03),
+            Variant("watch every=100, log_dir", lambda m, d: Watch(m, 100, d), 1.01),
+            Variant("watch every=10, log_dir, step(wait=False)", lambda m, d: Watch(m, 10, d, wait=False), 1.03),
+            Variant("add_histogram every 100", lambda m, d: Histograms(m, 100, d)),
+        ]
     return out
 
 
 # --- the run ---------------------------------------------------------------------------------
 
 
-def train_step(model, opt, task, batch, monitor, step) -> tuple[float, float]:
-    """Wall-clock and CPU seconds of one training step, the monitor's share included."""
+def train_step(model, opt, task, batch, monitor, step) -> tuple[float, float, float]:
+    """Wall clock, process CPU and thread CPU seconds of one training step, the monitor's share included."""
     x, y = batch
-    t0, c0 = time.perf_counter(), time.process_time()
+    t0, c0, h0 = time.perf_counter(), time.process_time(), time.thread_time()
     opt.zero_grad(set_to_none=True)
     loss = task.loss(model(x), y)
     loss.backward()
     opt.step()
     monitor.after(model, step, loss)
-    return time.perf_counter() - t0, time.process_time() - c0
+    return time.perf_counter() - t0, time.process_time() - c0, time.thread_time() - h0
 
 
-def run_task(task: Task, rounds: int, warmup: int) -> tuple[list[Variant], dict[str, Any]]:
+def run_task(task: Task, rounds: int, warmup: int, more: bool, block: int) -> tuple[list[Variant], dict[str, Any]]:
     torch.manual_seed(0)
     base = task.build()
     batches = [task.batch() for _ in range(8)]
-    vs = variants()
+    vs = variants(more)
     tmp = tempfile.mkdtemp(prefix="initdoctor-bench-")
-    twins, opts, monitors, steps = [], [], [], []
+    twins, opts, monitors = [], [], []
     try:
         for i, v in enumerate(vs):
             model = copy.deepcopy(base)
             opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
             for s in range(warmup):  # untimed: first-call allocations, before any monitor exists
                 train_step(model, opt, task, batches[s % len(batches)], Monitor(), s)
-            try:
-                monitor = v.make(model, f"{tmp}/{i}")
-            except Exception as e:  # a third-party monitor that cannot start here is reported, not fatal
-                print(f"  {v.name}: could not start ({type(e).__name__}: {e}); skipped")
-                monitor = None
             twins.append(model)
             opts.append(opt)
-            monitors.append(monitor)
-            steps.append(0)
-        keep = [i for i, m in enumerate(monitors) if m is not None]
+            monitors.append(v.make(model, f"{tmp}/{i}"))
         t_start = time.perf_counter()
         shuffle = random.Random(0).shuffle
-        order = list(keep)
-        for r in range(rounds + max(vs[i].offset for i in keep)):
-            # a new order every round: no twin always runs first, or right after the same other twin
-            shuffle(order)
+        order = list(range(len(vs)))
+        for r in range(rounds):
+            shuffle(order)  # no twin always runs first, or right after the same other twin
             for i in order:
-                v = vs[i]
-                if v.stride > 1 and (r >= rounds or r % v.stride != v.offset):
-                    continue
-                if v.stride == 1 and not v.offset <= r < v.offset + rounds:
-                    continue
-                s = steps[i]
-                v.flags.append(monitors[i].sampled(s))
-                wall, cpu = train_step(twins[i], opts[i], task, batches[(warmup + s) % len(batches)],
-                                       monitors[i], s)
-                v.times.append(wall)
-                v.cpu.append(cpu)
-                v.rounds.append(r)
-                steps[i] += 1
+                wall, cpu, thread = train_step(twins[i], opts[i], task, batches[(warmup + r) % len(batches)],
+                                               monitors[i], r)
+                vs[i].wall.append(wall)
+                vs[i].cpu.append(cpu)
+                vs[i].thread.append(thread)
+            if (r + 1) % block == 0:
+                for i, v in enumerate(vs):
+                    v.worker.append(monitors[i].worker_cpu())
         wall = time.perf_counter() - t_start
-        for i in keep:
-            t0, c0 = time.perf_counter(), time.process_time()
+        for i, v in enumerate(vs):
+            t0 = time.perf_counter()
             monitors[i].close()
-            vs[i].close_wall, vs[i].close_cpu = time.perf_counter() - t0, time.process_time() - c0
+            v.close_wall = time.perf_counter() - t0
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    ref = twins[0]
-    info: dict[str, Any] = {"wall": wall, "identical": {}}
-    for i in keep:
-        if vs[i].stride == 1:
-            info["identical"][vs[i].name] = all(
-                torch.equal(a, b) for a, b in zip(ref.state_dict().values(), twins[i].state_dict().values()))
-    return [vs[i] for i in keep], info
+    ref = twins[0].state_dict()
+    identical = {v.name: all(torch.equal(a, b) for a, b in zip(ref.values(), twins[i].state_dict().values()))
+                 for i, v in enumerate(vs)}
+    return vs, {"wall": wall, "identical": identical}
 
 
-def window_ratios(v: Variant, none: Variant, attr: str) -> list[float]:
-    """Per window of the monitor's steps: its mean step over the no-monitor twin's in the same rounds."""
-    size = WINDOW if v.stride == 1 else SPARSE_WINDOW
-    ts, base_of = getattr(v, attr), dict(zip(none.rounds, getattr(none, attr)))
-    out = []
-    for w in range(len(ts) // size):
-        sl = slice(w * size, (w + 1) * size)
-        span = range(v.rounds[sl][0], v.rounds[sl][-1] + v.stride)
-        base = [base_of[r] for r in span if r in base_of]
-        if not base:  # a late-starting twin's last rounds: the no-monitor twin has finished
-            continue
-        out.append((sum(ts[sl]) / size) / (sum(base) / len(base)))
-    return out
+def block_ratios(v: Variant, none: Variant, attr: str, block: int) -> list[float]:
+    """Per block of rounds: the monitor's total step time over the no-monitor twin's. "total" is the
+    training thread's CPU time plus the CPU time of the monitor's worker thread in that block."""
+    if attr == "total":
+        done = [0.0] + v.worker
+        extra = [done[k + 1] - done[k] for k in range(len(v.worker))]
+        ts, base = v.thread, none.thread
+        return [(sum(ts[b:b + block]) + extra[b // block]) / sum(base[b:b + block])
+                for b in range(0, len(ts) - block + 1, block)]
+    ts, base = getattr(v, attr), getattr(none, attr)
+    return [sum(ts[b:b + block]) / sum(base[b:b + block]) for b in range(0, len(ts) - block + 1, block)]
 
 
-def summarize(vs: list[Variant]) -> list[dict]:
-    """Per monitor: paired window ratios of means (wall clock and CPU time: "measured", which includes
-    every observed step but also every preemption), and an estimate from medians of CPU time (robust):
-    1 + the extra of an observed step over an unobserved one, spread over the period."""
+def bootstrap(xs: list[float], reps: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """The median and a 95% percentile-bootstrap interval of it (blocks resampled with replacement)."""
+    rng = random.Random(seed)
+    meds = sorted(median([rng.choice(xs) for _ in xs]) for _ in range(reps))
+    return median(xs), meds[int(0.025 * reps)], meds[int(0.975 * reps) - 1]
+
+
+CLOCKS = {"wall": "wall", "cpu": "process CPU", "thread": "training-thread CPU", "total": "training + worker CPU"}
+
+
+def summarize(vs: list[Variant], block: int) -> list[dict]:
     none = vs[0]
-    none_med = median(none.cpu)
-    out = []
+    rows = []
     for v in vs:
-        wall, cpu = window_ratios(v, none, "times"), window_ratios(v, none, "cpu")
-        observed = [t for t, f in zip(v.cpu, v.flags) if f]
-        plain = [t for t, f in zip(v.cpu, v.flags) if not f]
-        row = {"name": v.name, "steps": len(v.cpu), "median": median(v.cpu), "wall": median(wall),
-               "iqr": quartiles(wall), "cpu": median(cpu), "plain": None, "observed": None, "first": None,
-               "close": v.close_cpu}
-        if observed and plain:  # a monitor that observes one step in `period`
-            period = round(len(v.cpu) / len(observed))
-            row.update(plain=median(plain), observed=median(observed[1:] or observed), first=observed[0],
-                       period=period)
-            # unobserved steps run the bare model (no hooks): they are reported, not added, since their
-            # difference from the no-monitor twin is noise of about 1% either way on a shared machine
-            row["estimate"] = 1 + (row["observed"] - row["plain"]) / (period * none_med)
-            # paid once per watch: the first sample's excess over a later one (duplicate-unit detection;
-            # with a log_dir the first figures, histograms, and matplotlib's import in the first model
-            # measured) and close() (with a log_dir: the figures of the final state)
-            row["oneoff"] = max(row["first"] - row["observed"], 0.0) + v.close_cpu
-        else:  # the same work every step (or none)
-            row["estimate"] = median(v.cpu) / none_med
-        out.append(row)
-    return out
+        row = {"name": v.name, "target": v.target, "step": median(none.thread) if v is none else None,
+               "close": v.close_wall}
+        for attr in CLOCKS:
+            row[attr] = None if v is none else bootstrap(block_ratios(v, none, attr, block))
+        rows.append(row)
+    return rows
 
 
-def ms(x: float | None) -> str:
-    return "—" if x is None else f"{x * 1e3:.2f}"
+def fmt(ci: tuple[float, float, float] | None) -> str:
+    return "1" if ci is None else f"{ci[0]:.3f} ({ci[1]:.3f}–{ci[2]:.3f})"
 
 
-def report(task: Task, rows: list[dict], info: dict) -> tuple[str, list[str]]:
-    none = rows[0]
+def report(task: Task, rows: list[dict], info: dict, block: int) -> tuple[str, list[str]]:
     lines = []
     for r in rows:
-        lo, hi = r["iqr"]
         ident = info["identical"].get(r["name"])
-        lines.append([
-            r["name"], str(r["steps"]), ms(r["median"]),
-            "1" if r is none else f"{r['wall']:.3f} ({lo:.3f}–{hi:.3f})",
-            "1" if r is none else f"{r['cpu']:.3f}",
-            ms(r["plain"]), ms(r["observed"]), ms(r["first"]), "—" if r is none else ms(r["close"]),
-            "1" if r is none else f"{r['estimate']:.3f}",
-            "—" if ident is None else ("yes" if ident else "NO"),
-        ])
-    text = table(["monitor", "steps", "median step ms", "measured x wall (IQR)", "measured x CPU", "unobserved ms",
-                  "observed ms", "first observed ms", "close ms", "estimate x", "twin identical"], lines)
-    notes = []
-    for r in rows:
-        if not r["name"].startswith("watch every=100") or r.get("plain") is None:
-            continue
-        over = r["estimate"] - 1
-        extra = r["observed"] - r["plain"]
-        step = none["median"]
-        oneoff = r["oneoff"]
-        notes.append(
-            f"{task.name}, {r['name']}: estimate {over:+.2%} (target within {TARGET:.0%}: "
-            f"{verdict(over <= TARGET)}), measured {r['wall'] - 1:+.1%} wall, {r['cpu'] - 1:+.1%} CPU; "
-            f"an observed step costs {extra * 1e3:.1f} ms more than an unobserved one ({extra / step:.1f} plain "
-            f"steps), an unobserved one {r['plain'] / step - 1:+.1%} against no monitor; within 1% needs "
-            f"plain steps of at least {extra * 1e3:.0f} ms, or every >= {extra / (TARGET * step):.0f}; "
-            f"one-off (first sample's excess {max(r['first'] - r['observed'], 0) * 1e3:.0f} ms, close() "
-            f"{r['close'] * 1e3:.0f} ms): {oneoff / step:.0f} plain steps, "
-            f"{oneoff / (r['steps'] * step):+.1%} over these {r['steps']} steps, "
-            f"{oneoff / (LONG_RUN * step):+.2%} over {LONG_RUN:,} steps")
+        lines.append([r["name"], fmt(r["wall"]), fmt(r["cpu"]), fmt(r["thread"]), fmt(r["total"]),
+                      "—" if r["target"] is None else f"≤ {r['target']:.2f}",
+                      "—" if r["target"] is None else verdict_of(r), f"{r['close'] * 1e3:.0f}",
+                      "yes" if ident else "NO"])
+    text = table(["monitor", "x wall (95% CI)", "x process CPU (95% CI)", "x training-thread CPU (95% CI)",
+                  "x training + worker CPU (95% CI)",
+                  "target", "verdict (wall)", "close ms", "twin identical"], lines)
+    step = rows[0]["step"]
+    notes = [f"{task.name}: bare step {step * 1e3:.2f} ms (training-thread CPU, median); "
+             f"{info['blocks']} blocks of {block} rounds; {info['wall']:.0f} s"]
     return text, notes
+
+
+def verdict_of(r: dict) -> str:
+    """Met when the interval lies under the target, missed when above it, else not resolved."""
+    _, lo, hi = r["wall"]
+    if hi <= r["target"]:
+        return verdict(True)
+    if lo > r["target"]:
+        return verdict(False)
+    return "not resolved"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--write", action="store_true", help="update docs/performance.md")
-    ap.add_argument("--rounds", type=int, default=1000, help="interleaved rounds (steps per every-round monitor)")
+    ap.add_argument("--rounds", type=int, default=1000, help="interleaved rounds (steps per twin)")
+    ap.add_argument("--block", type=int, default=100, help="rounds per block (one every=100 sample each)")
     ap.add_argument("--warmup", type=int, default=5, help="untimed steps per twin before its monitor starts")
     ap.add_argument("--models", default="MLP,CNN,Transformer", help="comma-separated subset")
+    ap.add_argument("--more", action="store_true", help="also log_dir variants, every=10 waiting, add_histogram")
     args = ap.parse_args()
     setup_torch()
     warnings.simplefilter("ignore", InitDoctorWarning)  # findings on these toy models are beside the point
     warnings.filterwarnings("ignore", module="tensorboard")
     here = machine()
     print(f"machine: {here}")
-    print("method: twins interleaved step by step, in a new random order each round; one torch thread; "
-          "verdicts on the estimate from medians")
-    if importlib.util.find_spec("wandb") is None:
-        print("wandb: not installed, skipped")
+    print(f"method: twins interleaved step by step in a new random order each round; blocks of {args.block} "
+          "rounds; median block ratio with a 95% bootstrap interval; one torch thread")
     sections, notes = [], []
     t0 = time.perf_counter()
     for task in TASKS:
         if task.name not in args.models.split(","):
             continue
-        vs, info = run_task(task, args.rounds, args.warmup)
-        rows = summarize(vs)
-        text, n = report(task, rows, info)
+        vs, info = run_task(task, args.rounds, args.warmup, args.more, args.block)
+        info["blocks"] = args.rounds // args.block
+        rows = summarize(vs, args.block)
+        text, n = report(task, rows, info, args.block)
         head = f"### {task.name}: {task.describe}"
-        print(f"\n{head}  ({info['wall']:.0f} s)\n{text}")
+        print(f"\n{head}\n{text}")
         for line in n:
             print(line)
         sections.append(f"{head}\n\n{text}")
@@ -422,31 +406,19 @@ def main() -> None:
     total = time.perf_counter() - t0
     print(f"\ntotal {total:.0f} s")
     if args.write:
-        wandb_line = ("" if importlib.util.find_spec("wandb") is not None
-                      else "wandb was not installed on this machine: its row is absent.\n\n")
         body = "\n\n".join([
-            f"Measured {here}; `python benchmarks/watch_overhead.py --rounds {args.rounds}` "
-            f"({total:.0f} s).",
-            "Columns (times in ms of CPU time of the process, `time.process_time`, which leaves out "
-            "the time other processes hold the cores): *median step ms* over all the monitor's steps; "
-            f"*measured x wall (IQR)* and *measured x CPU*: the median, over windows of {WINDOW} steps "
-            f"({SPARSE_WINDOW} for the monitors that step every few rounds), of the window's mean step "
-            "divided by the no-monitor twin's mean over the same rounds (interquartile range of the "
-            "wall-clock ratios): means include every observed step, but also every preemption; "
-            "*unobserved / observed ms*: the median step that the monitor did not / did observe (after "
-            "the first); *first observed ms*: for `watch`, duplicate-unit detection runs only then, "
-            "and with a log_dir also the first figures and histograms (and matplotlib's import, in the "
-            "first model measured); *close ms*: CPU time of the monitor's `close()` after the run (with "
-            "a log_dir, `watch` draws the figures of the final state then); *estimate x*: 1 + "
-            "(observed - unobserved) / (period x median no-monitor step), from medians only, so "
-            "steady under load: the verdicts use it, and the notes below the tables add the one-off "
-            "costs (first sample and close) spread over the run; the unobserved steps "
-            "are left out of it because they run the bare model and match the no-monitor twin to "
-            "within the noise (compare the columns); for monitors that work every step, the ratio "
-            "of median steps; "
-            "*twin identical*: the twin's parameters equal the no-monitor twin's bit for bit after "
-            "the run (twins that step every round).",
-            wandb_line + "\n\n".join(sections),
+            f"Measured {here}; `python benchmarks/watch_overhead.py --rounds {args.rounds}"
+            f"{' --more' if args.more else ''}` ({total:.0f} s).",
+            "Each cell: the median over blocks of the block's total step time divided by the no-monitor "
+            "twin's over the same rounds, and a 95% bootstrap interval of that median. *process CPU* counts "
+            "every thread of the process during the twin's steps: a worker thread's work lands on whichever "
+            "twin steps meanwhile, so it is shown but not relied on; *training-thread CPU*: only the thread "
+            "that trains (`time.thread_time`); *training + worker CPU*: that plus the CPU clock of the "
+            "monitor's own worker thread over the block, the whole cost of the monitor; the second no-monitor twin shows how well the run resolves a "
+            "ratio. Verdicts on wall time: met when the whole interval is under the target, missed when it "
+            "is above, otherwise not resolved. *close ms*: wall clock of the monitor's `close()`. "
+            "*twin identical*: the twin's parameters equal the no-monitor twin's bit for bit at the end.",
+            "\n\n".join(sections),
             "\n".join(f"- {n}" for n in notes),
         ])
         write_section("watch_overhead", body)

@@ -340,10 +340,29 @@ def _moments(host: dict[Key, torch.Tensor], what: str, name: str) -> Moments:
     return Moments(float(n[0]), host[Key(what, name, "mean")], host[Key(what, name, "m2")])
 
 
+def nonzero_norms(model: nn.Module, layers: dict[str, nn.Module]) -> list[str]:
+    """Norm layers (not measured as weight layers) whose weight is not all zero: the ones to reset.
+
+    Zero-weight norms are deliberate (zero-init residual). This reads the live weights, so `watch`
+    takes it on the training thread before the optimizer changes them.
+    """
+    return [n for n, m in model.named_modules()
+            if isinstance(m, NORM_MODULES) and n not in layers and
+            isinstance(getattr(m, "weight", None), torch.Tensor) and bool((local(m.weight).detach() != 0).any())]
+
+
+def reads_weights(host: dict[Key, torch.Tensor]) -> bool:
+    """Whether `build_stats` will read live weights beyond `nonzero_norms` (to count non-finite entries)."""
+    return any(key.what in ("w", "b") and bool(t[3]) for key, t in host.items())
+
+
 def build_stats(model: nn.Module, layers: dict[str, nn.Module], graph: Graph, acc: Accumulators,
                 host: dict[Key, torch.Tensor], grads: dict[int, torch.Tensor] | None, backward: bool,
-                symmetry: bool) -> ModelStats:
-    """ModelStats from the host copy of the buffer, the structure the graph saw, and the weights."""
+                symmetry: bool, norms: list[str] | None = None) -> ModelStats:
+    """ModelStats from the host copy of the buffer, the structure the graph saw, and the weights.
+
+    It reads the live weights only for `symmetry`, for `norms` when not given, and where
+    `reads_weights(host)`."""
     order = {n: i for i, n in enumerate(acc.order)}
     out = [_layer_stats(name, m, order, graph, acc, host) for name, m in layers.items()]
     _ties(out, layers)
@@ -356,10 +375,8 @@ def build_stats(model: nn.Module, layers: dict[str, nn.Module], graph: Graph, ac
         if a is not None:
             lay.saturated, lay.saturated_units = a.saturated, a.saturated_units
             lay.dead, lay.preact_std = a.dead, a.preact_std
-    # Zero-weight norms are deliberate (zero-init residual): they are not norms to reset.
-    norms = [n for n, m in model.named_modules()
-             if isinstance(m, NORM_MODULES) and n not in layers and
-             isinstance(getattr(m, "weight", None), torch.Tensor) and bool((local(m.weight).detach() != 0).any())]
+    if norms is None:
+        norms = nonzero_norms(model, layers)
     out_bad = int(host[Key("outbad")].sum()) if Key("outbad") in host else 0
     stats = ModelStats(out, acts, norms, out_bad, backward, residual_adds=graph.residual_adds,
                        trained_norms=[n for n in norms if _varies(model.get_submodule(n))])

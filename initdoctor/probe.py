@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .accumulators import Accumulators, build_stats, to_host
+from .accumulators import Accumulators, Key, build_stats, to_host
 from .lineage import DROPOUTS, Graph, first_tensor, function_name, tensors
 from .stats import ModelStats
 from .vocab import EMBEDDING
@@ -311,11 +311,23 @@ class Recorder:
         All accumulators go to the host in one flat buffer (one synchronization); `reduce`, when
         given, combines that buffer across processes first (see distributed.py).
         """
+        return self.build(self.host_copy(grads, reduce), grads, backward, symmetry)
+
+    def host_copy(self, grads: dict[int, torch.Tensor] | None = None,
+                  reduce: Callable[[list], list] | None = None) -> dict[Key, torch.Tensor]:
+        """The first half of `finish`: tensor hooks off, the buffer reduced on the device (and across
+        processes) and copied to the host. It reads the weights and `grads` as they are now."""
         self._remove_tensor_hooks()
         items = self.acc.buffer(self.model, self.layers, grads)
         if reduce is not None:
             items = reduce(items)
-        return build_stats(self.model, self.layers, self.graph, self.acc, to_host(items), grads, backward, symmetry)
+        return to_host(items)
+
+    def build(self, host: dict[Key, torch.Tensor], grads: dict[int, torch.Tensor] | None = None,
+              backward: bool = True, symmetry: bool = True, norms: list[str] | None = None) -> ModelStats:
+        """The second half of `finish`: `ModelStats` from the host copy (see `build_stats` for what
+        it still reads from the live model)."""
+        return build_stats(self.model, self.layers, self.graph, self.acc, host, grads, backward, symmetry, norms)
 
 
 # --- one examination ------------------------------------------------------------------------

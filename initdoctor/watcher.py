@@ -9,17 +9,28 @@ Hooks are attached only for the steps that are sampled (0, every, 2*every, ...):
 the bare model. A sampled step observes the user's own forward and backward, reduces on the device,
 and synchronizes once when `step()` closes it. The same rules as `check` run on what it saw; a
 finding that appears, or gets worse, is reported once through `warnings` and `logging`.
+
+What must happen on the training thread happens there: the hooks' reductions, the reductions over
+weights and gradients and the one host copy (`Recorder.host_copy`, before the optimizer changes
+them), the collective under DDP (every rank in the same order). The rest of a sample (TensorBoard
+writing and figures; with `step(wait=False)` also the statistics built from the host copy, the rules
+and the warnings' bookkeeping) runs on one background thread, in order, through a bounded queue.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
 
 from . import distributed
+from .accumulators import nonzero_norms, reads_weights
 from .codes import SEVERITY_RANK
 from .compiled import CompiledRecorder, compiled_parts
 from .diagnosis import Diagnosis, judge
@@ -31,10 +42,77 @@ from .vocab import HISTORY_FIELDS
 log = logging.getLogger("initdoctor")
 log.addHandler(logging.NullHandler())  # a library logs; the application decides where it goes
 
+# Samples in flight at most: `put` blocks beyond it, so a worker slower than training (figures drawn
+# every sample) holds training back instead of piling up statistics in memory.
+QUEUE_SIZE = 2
+HISTOGRAM_VALUES = 4096  # values kept per layer for histograms (weights, outputs, weight gradients)
 
 
 class InitDoctorWarning(UserWarning):
     """A finding that appeared, or got worse, while training."""
+
+
+@dataclass
+class _Sample:
+    """One sampled step on its way from the training thread to the worker."""
+
+    step: int
+    index: int  # the sample's number (0 = the first)
+    build: Callable[[], ModelStats]  # the statistics: built already, or built from the host copy
+    target: str
+    sources: list[str]
+    writer_rank: bool
+    images: bool
+    grads: dict | None  # layer -> a slice of its weight gradient, taken on the training thread
+    judged: threading.Event = field(default_factory=threading.Event)  # findings decided (or failed)
+    diag: Diagnosis | None = None
+    history: list | None = None  # the history up to this sample, for its figure
+
+
+class _Worker:
+    """One background thread that runs `job` on each item, in order; the first exception is kept
+    for the training thread to raise (`take_error`), and the thread goes at `stop()`."""
+
+    def __init__(self, job: Callable[[Any], None], maxsize: int = QUEUE_SIZE) -> None:
+        self._job = job
+        self._queue: queue.Queue = queue.Queue(maxsize)
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def submit(self, item: Any) -> None:
+        if self._thread is None:
+            # daemon: a watch never closed must not keep the interpreter from exiting
+            self._thread = threading.Thread(target=self._run, name="initdoctor-watch", daemon=True)
+            self._thread.start()
+        self._queue.put(item)
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is None:
+                    return
+                self._job(item)
+            except BaseException as e:  # kept for the training thread: an observer's failure is never lost
+                if self._error is None:
+                    self._error = e
+            finally:
+                self._queue.task_done()
+
+    def drain(self) -> None:
+        """Wait until every item submitted so far is done."""
+        if self._thread is not None:
+            self._queue.join()
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+
+    def take_error(self) -> BaseException | None:
+        e, self._error = self._error, None
+        return e
 
 
 class Watch:
@@ -74,6 +152,10 @@ class Watch:
         self._warned: dict[str, int] = {}
         self._rec: Recorder | None = None
         self._tb: Any = None  # report.tensorboard.RunWriter, made on the first write
+        self._lock = threading.Lock()  # _warned and _pending: decided on the worker, read here
+        self._pending: list[str] = []  # warnings decided, to be issued on the training thread
+        self._inflight: list[_Sample] = []  # submitted samples whose findings are not yet delivered
+        self._worker = _Worker(self._process)
 
     # -- context --
     def __enter__(self) -> Watch:
@@ -86,29 +168,62 @@ class Watch:
             self._arm()
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        # a failure of the training loop itself goes first: a worker's error is then only logged
+        self._close(raise_errors=exc_type is None)
 
     def close(self) -> None:
+        """Finish every sample in flight (statistics, warnings, writing), draw the final figures,
+        stop the background thread and close (or flush) the writer. Raises what the worker raised."""
+        self._close(raise_errors=True)
+
+    def _close(self, raise_errors: bool) -> None:
         self._disarm()
-        if self.writer is not None and self.last is not None and self._images_at != self.history[-1]["step"]:
-            self._write_images(self.last, self.history[-1]["step"])
-        if self._own_writer and self.writer is not None:
-            self.writer.close()
-            self.writer = None
-            self._own_writer = False
-        elif self.writer is not None:
-            self.writer.flush()
+        error = None
+        try:
+            self._worker.drain()
+            error = self._settle()
+            if (error is None and self.writer is not None and self.last is not None
+                    and self._images_at != self.history[-1]["step"]):
+                self._write_images(self.last, self.history[-1]["step"], self.history, None)
+        finally:
+            self._worker.stop()
+            if self._own_writer and self.writer is not None:
+                self.writer.close()
+                self.writer = None
+                self._own_writer = False
+            elif self.writer is not None:
+                self.writer.flush()
+        if error is not None:
+            if raise_errors:
+                raise error
+            self.log.error("initdoctor: a sample failed in the background: %r", error)
+
+    def wait(self) -> None:
+        """Wait for every sample in flight: `last`, `history`, warnings and TensorBoard are then up to date."""
+        self._worker.drain()
+        error = self._settle()
+        if error is not None:
+            raise error
 
     # -- the loop --
-    def step(self) -> Diagnosis | None:
-        """Close the current training step; returns the diagnosis when this step was sampled."""
+    def step(self, wait: bool = True) -> Diagnosis | None:
+        """Close the current training step; returns the diagnosis when this step was sampled.
+
+        With `wait=False` a sampled step returns None at once: its statistics are built and judged
+        in the background, and its warnings are issued by the next `step()` (or `close()`); `last`
+        and `history` follow then.
+        """
+        # findings of the samples before this step: decided by now (they had a whole step's time)
+        error = self._settle()
         diag = None
         if self._rec is not None:
-            diag = self._sample()
+            diag = self._sample(wait)
         self.steps += 1
         if self.steps % self.every == 0:
             self._arm()
+        if error is not None:
+            raise error
         return diag
 
     @property
@@ -118,7 +233,7 @@ class Watch:
 
     def _arm(self) -> None:
         if self._rec is None:
-            keep = 4096 if self.histograms else 0
+            keep = HISTOGRAM_VALUES if self.histograms else 0
             rec = (Recorder(self.model, keep_values=keep) if self.compiled is None
                    else CompiledRecorder(self.compiled, self.model, keep_values=keep))
             rec.__enter__()
@@ -132,43 +247,128 @@ class Watch:
     def _is_writer_rank(self) -> bool:
         return distributed.rank(self.group) == 0
 
-    def _sample(self) -> Diagnosis:
+    def _sample(self, wait: bool) -> Diagnosis | None:
         rec = self._rec
         self._disarm()
         params = {}
         for p in self.model.parameters():
             if p.grad is not None:
                 params[id(p)] = p.grad
+        # the collective runs here, on every rank in the same order
         reduce = distributed.reducer(self.group) if distributed.active(self.group) else None
+        symmetry = self.sampled == 0
         if self.compiled is not None:
             rec.replay()  # the eager replay of a compiled step, before its gradients are counted
-        stats = rec.finish(params or None, backward=bool(rec.acc.grad), reduce=reduce, symmetry=self.sampled == 0)
-        findings, found = judge(stats, self.select, self.ignore)
-        diag = Diagnosis(stats, findings, [], target=type(self.model).__name__, trends=found,
-                         sources=list(getattr(rec, "sources", [])))
-        self.last = diag
-        self.history.append(_record(self.steps, stats))
-        if self._is_writer_rank():
-            self._report(findings)
-            if self.writer is not None:
-                self._write(diag)
-        self.sampled += 1
-        return diag
+            stats = rec.finish(params or None, backward=bool(rec.acc.grad), reduce=reduce, symmetry=symmetry)
+            build = _built(stats)
+        else:
+            host = rec.host_copy(params or None, reduce)
+            backward = bool(rec.acc.grad)
+            if wait or symmetry or reads_weights(host):
+                # the symmetry checks and non-finite counts read weights and gradients: built now
+                stats = rec.build(host, params or None, backward, symmetry)
+                build = _built(stats)
+            else:
+                norms = nonzero_norms(self.model, rec.layers)  # live weights: read now
 
-    def _report(self, findings: list[Finding]) -> None:
-        for f in findings:
-            if not f.fired:
-                continue
-            rank = SEVERITY_RANK[f.severity]
-            if self._warned.get(f.code, -1) >= rank:
-                continue
-            worse = f.code in self._warned
-            self._warned[f.code] = rank
-            text = (f"initdoctor step {self.steps}: {f.code} {f.name} ({f.severity}"
-                    f"{', worse than before' if worse else ''}): {f.message}")
+                def build(rec=rec, host=host, backward=backward, norms=norms) -> ModelStats:
+                    return rec.build(host, None, backward, False, norms)
+        writer_rank = self._is_writer_rank()
+        images = self.writer is not None and writer_rank and (
+            self.sampled == 0 or (self.images_every is not None and self.sampled % self.images_every == 0))
+        grads = self._gradient_slices() if images and self.histograms else None
+        sample = _Sample(self.steps, self.sampled, build, type(self.model).__name__,
+                         list(getattr(rec, "sources", [])), writer_rank, images, grads)
+        self.sampled += 1
+        self._inflight.append(sample)
+        if wait:
+            self._judge(sample)
+            self._deliver()
+            if sample.writer_rank and self.writer is not None:
+                self._worker.submit(sample)
+            return sample.diag
+        self._worker.submit(sample)
+        return None
+
+    def _gradient_slices(self) -> dict:
+        # the weight gradients of the sampled step, beside the weights in the histograms: copied
+        # now, since the next step's backward overwrites `.grad`
+        out = {}
+        for name, m in self.model.named_modules():
+            w = getattr(m, "weight", None)
+            if isinstance(w, nn.Parameter) and w.grad is not None:
+                out[name] = w.grad.detach().reshape(-1)[:HISTOGRAM_VALUES].clone()
+        return out
+
+    # -- the worker's side (or the training thread's, for step(wait=True)) --
+    def _process(self, sample: _Sample) -> None:
+        if not sample.judged.is_set():
+            self._judge(sample)
+        diag = sample.diag
+        if sample.writer_rank and self.writer is not None and diag is not None:
+            self._run_writer().write(diag, sample.step)
+            if sample.images:
+                self._write_images(diag, sample.step, sample.history, sample.grads)
+            self.writer.flush()
+
+    def _judge(self, sample: _Sample) -> None:
+        try:
+            stats = sample.build()
+            findings, found = judge(stats, self.select, self.ignore)
+            diag = Diagnosis(stats, findings, [], target=sample.target, trends=found, sources=sample.sources)
+            sample.diag = diag
+            self.last = diag
+            self.history.append(_record(sample.step, stats))
+            if sample.images:
+                sample.history = list(self.history)  # the figure shows the history up to this sample
+            if sample.writer_rank:
+                texts = self._decide(findings, sample.step)
+                with self._lock:
+                    self._pending += texts
+        finally:
+            sample.judged.set()  # a failure too: the training thread must not wait for it forever
+
+    def _settle(self) -> BaseException | None:
+        """Wait for the findings of the samples in flight, issue their warnings, and return (for
+        the caller to raise) the worker's first error since the last call."""
+        for sample in self._inflight:
+            sample.judged.wait()
+        self._inflight.clear()
+        self._deliver()
+        return self._worker.take_error()
+
+    def _decide(self, findings: list[Finding], step: int) -> list[str]:
+        """The messages of findings that appeared or got worse; remembers them as reported."""
+        texts = []
+        with self._lock:
+            for f in findings:
+                if not f.fired:
+                    continue
+                rank = SEVERITY_RANK[f.severity]
+                if self._warned.get(f.code, -1) >= rank:
+                    continue
+                worse = f.code in self._warned
+                self._warned[f.code] = rank
+                texts.append(f"initdoctor step {step}: {f.code} {f.name} ({f.severity}"
+                             f"{', worse than before' if worse else ''}): {f.message}")
+        return texts
+
+    def _deliver(self, stacklevel: int = 4) -> None:
+        # stacklevel 4: the user's `doctor.step()` line (through step -> _settle or _sample).
+        # On the training thread: `warnings` filters and `catch_warnings` are the caller's
+        with self._lock:
+            texts, self._pending = self._pending, []
+        for text in texts:
             self.log.warning(text)
             if self.warn:
-                warnings.warn(text, InitDoctorWarning, stacklevel=4)
+                warnings.warn(text, InitDoctorWarning, stacklevel=stacklevel)
+
+    def _report(self, findings: list[Finding]) -> None:
+        """Report findings now, on the calling thread (the callbacks' check on the first batch)."""
+        texts = self._decide(findings, self.steps)
+        with self._lock:
+            self._pending += texts
+        self._deliver(stacklevel=5)  # as before: the caller of the callback that checks
 
     def _run_writer(self) -> Any:
         if self._tb is None:
@@ -177,23 +377,14 @@ class Watch:
             self._tb = RunWriter(self.writer, source="watch")
         return self._tb
 
-    def _write(self, diag: Diagnosis) -> None:
-        images = self.sampled == 0 or (self.images_every is not None and self.sampled % self.images_every == 0)
-        self._run_writer().write(diag, self.steps)
-        if images:
-            self._write_images(diag, self.steps)
-        self.writer.flush()
-
-    def _write_images(self, diag: Diagnosis, step: int) -> None:
-        grads = None
-        # the weight gradients of the sampled step (still in .grad while it closes), beside the weights
-        if self.histograms and step == self.steps:
-            names = {lay.name for lay in diag.stats.ran()}
-            grads = {name: getattr(m, "weight", None).grad for name, m in self.model.named_modules()
-                     if name in names and isinstance(getattr(m, "weight", None), nn.Parameter)}
-        self._run_writer().figures(diag, step, history=self.history, histograms=self.histograms, grads=grads)
+    def _write_images(self, diag: Diagnosis, step: int, history: list | None, grads: dict | None) -> None:
+        self._run_writer().figures(diag, step, history=history, histograms=self.histograms, grads=grads)
         self._images_at = step
         self.writer.flush()
+
+
+def _built(stats: ModelStats) -> Callable[[], ModelStats]:
+    return lambda: stats
 
 
 def _record(step: int, stats: ModelStats) -> dict:
@@ -220,6 +411,10 @@ def watch(model: nn.Module, log_dir: str | None = None, writer: Any = None, ever
         start: the steps already taken: a resumed run samples at the multiples of `every`, as if it
             had never stopped.
         logger: log findings here instead of the `"initdoctor"` logger.
+
+    TensorBoard writing runs on a background thread; `doctor.step(wait=False)` also moves the
+    statistics, rules and findings there (the step's warnings then come at the next `step()`), and
+    `close()` waits for all of it. See docs/python-api.md, "What runs where".
 
     Example:
         >>> with initdoctor.watch(model, log_dir="runs/exp1", every=100) as doctor:

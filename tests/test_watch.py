@@ -104,7 +104,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ddp_worker(rank: int, world: int, port: int, out_dir: str, fsdp: bool = False) -> None:
+def _ddp_worker(rank: int, world: int, port: int, out_dir: str, fsdp: bool = False, wait: bool = True) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -127,7 +127,13 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str, fsdp: bool = Fal
         part = slice(rank * 16, (rank + 1) * 16)
         with initdoctor.watch(model, every=1, warn=False) as doctor:
             (model(x[part]) * eps[part]).sum().backward()
-            diag = doctor.step()
+            diag = doctor.step(wait=wait)
+            if not wait:  # built on the worker thread; the collective ran in step() all the same
+                (model(x[part]) * eps[part]).sum().backward()
+                doctor.step(wait=False)
+                doctor.wait()
+                assert [h["step"] for h in doctor.history] == [0, 1]
+                diag = doctor.last
         if rank == 0:
             torch.save({lay.name: (lay.signal, lay.q, lay.grad_q, lay.weight_std, lay.weight_grad_rms)
                         for lay in diag.stats.ran()}, os.path.join(out_dir, "ddp.pt"))
@@ -135,18 +141,20 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str, fsdp: bool = Fal
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
-def test_two_processes_match_one_process_on_the_whole_batch(tmp_path, fsdp):
+@pytest.mark.parametrize("fsdp, wait", [(False, True), (True, True), (False, False)],
+                         ids=["ddp", "fsdp2", "ddp-background"])
+def test_two_processes_match_one_process_on_the_whole_batch(tmp_path, fsdp, wait):
     import torch.multiprocessing as mp
 
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path), fsdp), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path), fsdp, wait), nprocs=2, join=True)
     got = torch.load(tmp_path / "ddp.pt", weights_only=True)
     model = tanh_mlp(3)
     x = torch.randn(32, 32, generator=torch.Generator().manual_seed(5))
     eps = torch.randn(32, 4, generator=torch.Generator().manual_seed(6))
     with initdoctor.watch(model, every=1, warn=False) as doctor:
-        (model(x) * eps).sum().backward()
-        diag = doctor.step()
+        for _ in range(1 if wait else 2):  # the same gradients accumulated, as on the ranks
+            (model(x) * eps).sum().backward()
+            diag = doctor.step()
     want = {lay.name: (lay.signal, lay.q, lay.grad_q, lay.weight_std, lay.weight_grad_rms)
             for lay in diag.stats.ran()}
     assert {k.removeprefix("module.") for k in got} == set(want)
