@@ -15,19 +15,13 @@ from torch import nn
 import initdoctor
 from initdoctor import watcher
 from initdoctor.watcher import InitDoctorWarning
+from tests import test_watch as watch_tests
 
 loader = pytest.importorskip("tensorboard.backend.event_processing.event_file_loader")
 
 
 def tanh_mlp(std: float | None = None, depth: int = 4, width: int = 16) -> nn.Sequential:
-    torch.manual_seed(0)
-    layers: list[nn.Module] = []
-    for _ in range(depth):
-        lin = nn.Linear(width, width)
-        if std is not None:
-            nn.init.normal_(lin.weight, 0.0, std)
-        layers += [lin, nn.Tanh()]
-    return nn.Sequential(*layers, nn.Linear(width, 4))
+    return watch_tests.tanh_mlp(depth, width, std)
 
 
 def train(model: nn.Module, steps: int, doctor=None, wait: bool = True) -> list[torch.Tensor]:
