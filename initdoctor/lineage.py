@@ -243,6 +243,9 @@ class Graph:
         if srcs and (name in POWERS or (name in STATISTIC_OPS and act == MOMENT)):
             self._composed(name, args, kwargs, act, srcs, out)
             return None
+        if srcs and act is None and name == "mul" and self._squares(x, args):  # (k x) * x: as pow(x, 2)
+            self._composed("square", (x,), {}, act, srcs, out)
+            return None
         if name in ("mul", "imul", "rmul", "div", "truediv", "itruediv") and self._normalizes(x, args, out):
             return None
         if name in ACTIVATIONS:
@@ -303,6 +306,13 @@ class Graph:
         for t in tensors(out):
             self.lineage.set(t, srcs, tag)
 
+    def _squares(self, x: Any, args: tuple) -> bool:
+        """Whether an elementwise product multiplies a layer's output (or a multiple of it) by itself."""
+        y = args[1] if len(args) > 1 else None
+        if not (isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor)) or x.shape != y.shape:
+            return False
+        return self.lineage.get(x) == self.lineage.get(y)
+
     def _normalizes(self, x: Any, args: tuple, out: Any) -> bool:
         """`x * rsqrt(mean(x^2) + eps)` (or `x / sqrt(...)`): the layers behind x are normalized."""
         y = args[1] if len(args) > 1 else None
@@ -313,6 +323,10 @@ class Graph:
             x, y, (sx, ax), (sy, ay) = y, x, (sy, ay), (sx, ax)
         if ay != MOMENT or ax == MOMENT or not sx or not (sy & sx):
             return False
+        if y.dim() == 0 or y.shape[-1] != 1:
+            # x * (1 + k x^2) elementwise, no mean over the features: a cubic (HF's FastGELU), not a norm
+            self.lineage.set(out, sx | sy, CUBIC)
+            return True
         self.normalized.update(s for s in sx if s not in self.follows)
         self.lineage.set(out, sx, ax)  # what a norm layer passes on: the signal, normalized
         self._norm_input = x

@@ -100,3 +100,19 @@ def test_other_powers_stay_unknown_consumers():
     g.layer_output("fc", y)
     g.on_function("pow", (y, 4), {}, y.pow(4), inner=None)
     assert g.unknown == {"fc": "pow"}
+
+
+def test_fast_gelu_written_with_x_times_x_is_gelu_not_a_norm():
+    """HF's FastGELU: 0.5 x (1 + tanh(x * 0.7978845608 * (1 + 0.044715 x x)))."""
+    import initdoctor
+
+    class FastGELU(torch.nn.Module):
+        def forward(self, x):
+            return 0.5 * x * (1.0 + torch.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x)))
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), FastGELU(), torch.nn.Linear(32, 4))
+    d = initdoctor.check(model, torch.randn(64, 16))
+    first = d.stats.layer("0")
+    assert first.activation == "gelu" and not first.normalized
+    assert d.stats.layer("2").fed_by == "gelu" and d.plan[0].recommended == "kaiming_normal"
