@@ -23,6 +23,8 @@ NORM_MODULES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm) + (
 
 def parametrization(m: nn.Module) -> str | None:
     """The parametrizations that compute `m.weight` (e.g. "spectral_norm"), or None for a plain weight."""
+    if _hooked_weight_norm(m):
+        return "weight_norm"
     plist = getattr(getattr(m, "parametrizations", None), "weight", None)
     if plist is None:
         return None
@@ -33,11 +35,21 @@ def parametrization(m: nn.Module) -> str | None:
 _SNAKE = {"SpectralNorm": "spectral_norm", "WeightNorm": "weight_norm", "Orthogonal": "orthogonal"}
 
 
+def _hooked_weight_norm(m: nn.Module) -> bool:
+    """The older `torch.nn.utils.weight_norm`: parameters weight_g and weight_v, and `m.weight` a plain
+    tensor that a forward pre-hook recomputes from them."""
+    p = m._parameters
+    return "weight" not in p and "weight_g" in p and "weight_v" in p and isinstance(
+        m.__dict__.get("weight"), torch.Tensor)
+
+
 def effective_weight(m: nn.Module) -> torch.Tensor:
     """The weight the layer computes with. A parametrized one is computed with its parametrizations
     in eval mode, so that reading it never advances state (spectral norm's power iteration)."""
     if parametrization(m) is None:
         return m._parameters["weight"]
+    if _hooked_weight_norm(m):
+        return m.__dict__["weight"].detach()
     plist = m.parametrizations.weight
     modes = [(p, p.training) for p in plist]
     try:
@@ -92,7 +104,8 @@ def trained_weight(m: nn.Module) -> torch.Tensor | None:
     `original` (several originals, as weight norm's g and v, have no one answer: None)."""
     if parametrization(m) is None:
         return main_weight(m)
-    return getattr(m.parametrizations.weight, "original", None)
+    plist = getattr(getattr(m, "parametrizations", None), "weight", None)
+    return getattr(plist, "original", None)
 
 
 def unit_dim(m: nn.Module, out: torch.Tensor) -> int:

@@ -135,3 +135,18 @@ def test_pytorch_default_recognised_on_transposed_convolutions():
         m[0].weight.normal_(0, float(m[0].weight.std()))
     d = initdoctor.check(m, torch.randn(4, 64, 6, 6))
     assert not Prescriber().looks_default(d.stats.layer("0"))
+
+
+def test_old_style_weight_norm_is_measured():
+    """torch.nn.utils.weight_norm (weight_g, weight_v, a pre-hook recomputing .weight) is a layer too."""
+    import warnings
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # deprecated in favour of parametrizations.weight_norm
+        layers = [torch.nn.utils.weight_norm(nn.Linear(32, 32)) for _ in range(3)]
+    model = nn.Sequential(layers[0], nn.ReLU(), layers[1], nn.ReLU(), layers[2])
+    d = initdoctor.check(model, torch.randn(64, 32))
+    assert [lay.name for lay in d.stats.ran()] == ["0", "2", "4"]
+    assert all(lay.parametrization == "weight_norm" and lay.q > 0 for lay in d.layers)
+    assert all(p.scheme == "keep" for p in d.plan)
