@@ -34,6 +34,7 @@ from torch import nn
 from torch.nn import functional as F
 
 import initdoctor
+from initdoctor import watcher
 from initdoctor.watcher import InitDoctorWarning
 
 TARGET = 0.01  # watch(every=100) within 1% of no monitor (DESIGN.md section 5)
@@ -111,32 +112,13 @@ class Monitor:
         pass
 
 
-class Inline:
-    """In place of `Watch`'s worker: every job at once on the training thread, as before issue 16."""
-
-    def __init__(self, job: Callable) -> None:
-        self.job, self._thread = job, None
-
-    def submit(self, item: Any) -> None:
-        self.job(item)
-
-    def drain(self) -> None:
-        pass
-
-    def stop(self) -> None:
-        pass
-
-    def take_error(self) -> None:
-        return None
-
-
 class Watch(Monitor):
     def __init__(self, model: nn.Module, every: int, log_dir: str | None, wait: bool = True, inline: bool = False,
                  **kw: Any) -> None:
         self.wait = wait
         self.doctor = initdoctor.watch(model, log_dir=log_dir, every=every, **kw).__enter__()
         if inline:
-            self.doctor._worker = Inline(self.doctor._process)
+            self.doctor._worker = watcher._Inline(self.doctor._process)
 
     def after(self, model, step, loss):
         self.doctor.step(wait=self.wait)

@@ -115,6 +115,27 @@ class _Worker:
         return e
 
 
+class _Inline:
+    """`_Worker`'s stand-in that runs each job at once on the calling thread (every job on the training
+    thread, as before the worker): what the tests and the benchmark compare the worker against."""
+
+    def __init__(self, job: Callable[[Any], None]) -> None:
+        self._job = job
+        self._thread = None
+
+    def submit(self, item: Any) -> None:
+        self._job(item)
+
+    def drain(self) -> None:
+        pass
+
+    def stop(self) -> None:
+        pass
+
+    def take_error(self) -> None:
+        return None
+
+
 class Watch:
     """Samples statistics every `every` steps; see `initdoctor.watch`."""
 

@@ -37,25 +37,6 @@ def train(model: nn.Module, steps: int, doctor=None, wait: bool = True) -> list[
     return [p.detach().clone() for p in model.parameters()]
 
 
-class Inline:
-    """A worker that runs each job at once on the calling thread: the run without a background thread."""
-
-    def __init__(self, job) -> None:
-        self.job = job
-
-    def submit(self, item) -> None:
-        self.job(item)
-
-    def drain(self) -> None:
-        pass
-
-    def stop(self) -> None:
-        pass
-
-    def take_error(self) -> None:
-        return None
-
-
 def events(log_dir) -> list[bytes]:
     """Every event of the run but its wall time, in the order written."""
     (path,) = glob.glob(f"{log_dir}/events.out.tfevents.*")
@@ -76,7 +57,7 @@ def watched_run(tmp_path, name: str, wait: bool, inline: bool = False):
         warnings.simplefilter("always")
         with initdoctor.watch(model, log_dir=str(tmp_path / name), every=2, images_every=2) as doctor:
             if inline:
-                doctor._worker = Inline(doctor._process)
+                doctor._worker = watcher._Inline(doctor._process)
             params = train(model, 9, doctor, wait=wait)
     ours = [str(w.message) for w in caught if issubclass(w.category, InitDoctorWarning)]
     return doctor, params, ours, events(tmp_path / name)
