@@ -22,11 +22,11 @@ from .stats import (
     LayerStats,
     ModelStats,
     Moments,
+    Sums,
     as_float,
     sample_dims,
     summary_of,
     units_view,
-    weight_vec,
 )
 from .weights import (
     NORM_MODULES,
@@ -50,24 +50,26 @@ class Reduce(enum.Enum):
     FIRST = "first"  # replicated (weights under DDP): rank 0's copy
     SUM = "sum"  # counts; and the shards of a sharded parameter (FSDP), whose parts add up
     MAX = "max"
+    MIN = "min"
     MOMENTS = "moments"  # an (n, mean, m2) triple, merged with Chan's formula
 
 
 # what -> how copies combine (moments and sharded parameters decide by their key instead)
 REDUCTIONS = {
-    "out": Reduce.MOMENTS, "grad": Reduce.MOMENTS, "actin": Reduce.MOMENTS,  # per-unit moments
+    "out": Reduce.MOMENTS, "grad": Reduce.MOMENTS, "actin": Reduce.MOMENTS,  # stats.Sums, as MOMENT_PARTS
     "actn": Reduce.SUM,  # samples a nonlinearity saw
     "sat": Reduce.SUM,  # per-unit count of saturated samples
     "maxv": Reduce.MAX,  # per-unit maximum of a rectifier's output
     "outbad": Reduce.SUM,  # non-finite entries of the model's outputs
     "pbad": Reduce.MAX,  # non-finite entries per other parameter (replicated under DDP)
-    "w": Reduce.FIRST, "b": Reduce.FIRST,  # weight_vec of a layer's weight and bias
-    "wmax": Reduce.MAX,  # largest |w| of a layer's weight (over shards too)
-    "gw": Reduce.FIRST,  # [sum of squares, count] of a layer's weight gradient
+    "w": Reduce.FIRST, "b": Reduce.FIRST,  # [sum, sum of squares] of a layer's weight and bias
+    "wmax": Reduce.MAX, "wmin": Reduce.MIN,  # a layer's largest and smallest weight (over shards too)
+    "gw": Reduce.FIRST,  # sum of squares of a layer's weight gradient
+    "norms": Reduce.FIRST,  # sum |w| of each norm layer's weight (zero: a deliberate zero-init)
     "values": Reduce.FIRST, "wvalues": Reduce.FIRST, "gvalues": Reduce.FIRST,  # a few values for histograms
     "stream": Reduce.SUM,  # a stream norm's [sum_r |g_r|^2 q_r, sum_r |g_r|^2] (rows r of its input)
 }
-MOMENT_PARTS = ("n", "mean", "m2")
+MOMENT_PARTS = ("n", "k", "s1", "s2")  # stats.Sums; an unshifted one (gradients) has no "k"
 # kept values -> the ModelStats.values kind they fill (histograms)
 VALUE_KINDS = {"values": "activations", "wvalues": "weights", "gvalues": "weight_gradients"}
 
@@ -88,8 +90,9 @@ Buffer = list[tuple[Key, torch.Tensor]]
 
 
 def pack(items: Buffer) -> torch.Tensor:
-    """Every tensor of a buffer flattened into one float64 vector (on the first tensor's device)."""
-    dev = items[0][1].device
+    """Every tensor of a buffer flattened into one float64 vector (on the first accelerator's device
+    among them, else the CPU: the counts known on the host travel with the device's tensors)."""
+    dev = next((t.device for _, t in items if t.device.type != "cpu"), items[0][1].device)
     return torch.cat([t.reshape(-1).double().to(dev) for _, t in items])
 
 
@@ -105,16 +108,22 @@ def unpack(flat: torch.Tensor, like: Buffer) -> Buffer:
 
 
 def to_host(items: Buffer) -> dict[Key, torch.Tensor]:
-    """One device-to-host copy for all accumulators (per device; none on the CPU)."""
-    if all(t.device.type == "cpu" for _, t in items):
-        return {k: t.double() for k, t in items}
+    """One device-to-host copy for all accumulators (per device). CPU tensors are taken as they are
+    (no copy, no conversion on the training thread): readers convert with `host_float`."""
     by_dev: dict[torch.device, Buffer] = {}
-    for key, t in items:
-        by_dev.setdefault(t.device, []).append((key, t))
     out: dict[Key, torch.Tensor] = {}
+    for key, t in items:
+        if t.device.type == "cpu":
+            out[key] = t
+        else:
+            by_dev.setdefault(t.device, []).append((key, t))
     for part in by_dev.values():
         out.update(unpack(pack(part).cpu(), part))
     return out
+
+
+def host_float(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.float64 else t.double()
 
 
 def combine(items: list[tuple[Key, list[torch.Tensor]]]) -> Buffer:
@@ -126,19 +135,25 @@ def combine(items: list[tuple[Key, list[torch.Tensor]]]) -> Buffer:
         if key in done:
             continue
         if key.reduce is Reduce.MOMENTS:
-            keys = [dataclasses.replace(key, part=p) for p in MOMENT_PARTS]
+            # each copy's sums -> moments, merged by Chan's formula, back as sums shifted by the mean
+            keys = {p: dataclasses.replace(key, part=p) for p in MOMENT_PARTS}
             merged = Moments()
             for r in range(len(copies)):
-                n, mean, m2 = (parts[k][r] for k in keys)
-                merged = merged.merge(Moments(float(n[0]), mean, m2))
-            n = torch.tensor([merged.n], dtype=torch.float64, device=copies[0].device)
-            out += list(zip(keys, (n, merged.mean, merged.m2)))
-            done.update(keys)
+                k = parts[keys["k"]][r] if keys["k"] in parts else None
+                n = float(parts[keys["n"]][r][0])
+                merged = merged.merge(Sums(n, parts[keys["s1"]][r], parts[keys["s2"]][r], k).moments())
+            dev = copies[0].device
+            n = torch.tensor([merged.n], dtype=torch.float64, device=dev)
+            mean, m2 = merged.mean.to(dev), merged.m2.to(dev)
+            out += [(keys["n"], n), (keys["k"], mean), (keys["s1"], torch.zeros_like(mean)), (keys["s2"], m2)]
+            done.update(keys.values())
             continue
         if key.reduce is Reduce.SUM:
             value = torch.stack(copies).sum(0)
         elif key.reduce is Reduce.MAX:
             value = torch.stack(copies).amax(0)
+        elif key.reduce is Reduce.MIN:
+            value = torch.stack(copies).amin(0)
         else:
             value = copies[0]
         out.append((key, value))
@@ -149,11 +164,32 @@ def combine(items: list[tuple[Key, list[torch.Tensor]]]) -> Buffer:
 # --- what the hooks accumulate ----------------------------------------------------------------
 
 
-def saturated(kind_: str, y: torch.Tensor) -> torch.Tensor:
-    """Mask of outputs on a saturating nonlinearity's flat tails."""
-    if kind_ == "sigmoid":
-        return (y < T.SIGMOID_LO) | (y > T.SIGMOID_HI)
-    return y.abs() > T.TANH_ABS
+def saturated(kind_: str, y: torch.Tensor, dims: list[int]) -> torch.Tensor:
+    """Per-unit count of outputs on a saturating nonlinearity's flat tails (int32: summing an int64
+    or float copy of the mask costs several times more)."""
+    if kind_ == "sigmoid":  # the tails are symmetric about 1/2: y < LO or y > HI = 1 - LO
+        mask = (y - 0.5).abs_() > 0.5 - T.SIGMOID_LO
+    else:
+        mask = y.abs() > T.TANH_ABS
+    return mask.sum(dim=dims, dtype=torch.int32)
+
+
+def _add(table: dict[str, Sums], name: str, t: torch.Tensor, ud: int, shift: bool) -> None:
+    """A layer's output (shifted sums) or gradient (unshifted), pooled over units; later calls add up."""
+    if name in table:
+        table[name].add(t, ud)
+    else:
+        s = Sums.over(t, ud, shift=shift)
+        if s is not None:
+            table[name] = s
+
+
+def _add_input(acc: ActAcc, x: torch.Tensor, ud: int) -> None:
+    """A saturating nonlinearity's input, per unit (the median unit's spread is what ID302 reads)."""
+    if acc.inp is None:
+        acc.inp = Sums.over(x, ud, pooled=False)
+    elif acc.inp.s1.numel() == (x.shape[ud] if x.dim() else 1):
+        acc.inp.add(x, ud)
 
 
 @dataclasses.dataclass
@@ -166,7 +202,7 @@ class ActAcc:
     gate: str | None = None  # a recurrent gate's name ("i", "f", "g", "o", "r", "z", "n")
     n: float = 0.0  # samples seen (per unit)
     units: int = 0
-    inp: Moments = dataclasses.field(default_factory=Moments)  # the nonlinearity's input (saturating kinds)
+    inp: Sums | None = None  # the nonlinearity's input, per unit (saturating kinds)
     sat: torch.Tensor | None = None  # per-unit count of saturated samples
     maxv: torch.Tensor | None = None  # per-unit signed maximum
     calls: int = 0
@@ -181,13 +217,14 @@ class Accumulators:
         self.order: list[str] = []  # weight layers in execution order
         self.calls: dict[str, int] = {}
         self.unit_dims: dict[str, int] = {}
-        self.out: dict[str, Moments] = {}
-        self.grad: dict[str, Moments] = {}
+        self.out: dict[str, Sums] = {}
+        self.grad: dict[str, Sums] = {}
         self.acts: dict[str, ActAcc] = {}
         self.values: dict[str, torch.Tensor] = {}
         self.out_bad: list[torch.Tensor] = []
         self.stream_rows: dict[int, torch.Tensor] = {}  # per-row second moment of a stream norm's input
-        self.stream: dict[int, torch.Tensor] = {}  # its gradient-weighted [sum |g|^2 q, sum |g|^2]
+        self.stream: dict[int, torch.Tensor] = {}  # its gradient-weighted [sum |g|^2 |x|^2, sum |g|^2]
+        self.stream_width: dict[int, int] = {}
 
     def called(self, layer: str) -> None:
         if layer not in self.calls:
@@ -197,26 +234,29 @@ class Accumulators:
 
     def layer_output(self, layer: str, y: torch.Tensor, ud: int) -> None:
         self.unit_dims[layer] = ud
-        self.out[layer] = self.out.get(layer, Moments()).merge(Moments.over(y, ud))
+        _add(self.out, layer, y, ud, shift=True)
         if self.keep_values and layer not in self.values:
-            self.values[layer] = y.detach().reshape(-1)[: self.keep_values].double().clone()
+            self.values[layer] = y.detach().reshape(-1)[: self.keep_values].clone()
 
     def gradient(self, layer: str, g: torch.Tensor, ud: int) -> None:
-        self.grad[layer] = self.grad.get(layer, Moments()).merge(Moments.over(g, ud))
+        _add(self.grad, layer, g, ud, shift=False)
 
     def stream_input(self, index: int, x: torch.Tensor) -> None:
-        self.stream_rows[index] = as_float(x.detach()).square().mean(-1)
+        x = as_float(x.detach())
+        self.stream_rows[index] = torch.linalg.vector_norm(x, dim=-1, dtype=torch.float64).square_().reshape(-1)
+        self.stream_width[index] = x.shape[-1]
 
     def stream_gradient(self, index: int, g: torch.Tensor) -> None:
         """The stream's scale as the gradient sees it: rows weighted by |dL/dx_row|^2, so rows that the
         loss barely reaches (a class token's neighbours, padding) do not set it."""
-        gr = as_float(g.detach()).square().sum(-1)
-        v = torch.stack([(gr * self.stream_rows[index]).sum().double(), gr.sum().double()])
+        gr = torch.linalg.vector_norm(as_float(g.detach()), dim=-1, dtype=torch.float64).square_().reshape(-1)
+        # [sum |g_r|^2 |x_r|^2, sum |g_r|^2]; q_r = |x_r|^2 / width is applied on the host
+        v = torch.stack([torch.dot(gr, self.stream_rows[index]), gr.sum()])
         self.stream[index] = v if index not in self.stream else self.stream[index] + v
 
     def model_output(self, t: torch.Tensor) -> None:
         if t.is_floating_point():
-            self.out_bad.append((~torch.isfinite(t.detach())).sum().double().reshape(1))
+            self.out_bad.append((~torch.isfinite(t.detach())).sum().reshape(1))
 
     def _acc(self, record: str, kind_: str, layer: str | None, module: str, gate: str | None = None) -> ActAcc:
         acc = self.acts.get(record)
@@ -245,12 +285,12 @@ class Accumulators:
             acc.units = units
             acc.n += y.numel() / acc.units
         if call.kind in vocab.SATURATING:
-            cnt = saturated(call.kind, y.float()).sum(dim=dims).double()
+            cnt = saturated(call.kind, as_float(y), dims)
             acc.sat = cnt if acc.sat is None else acc.sat + cnt
             if isinstance(call.x, torch.Tensor) and call.x is not call.out:
-                acc.inp = acc.inp.merge(Moments.over(call.x, ud))
+                _add_input(acc, call.x, ud)
         if call.kind in vocab.DYING and y.numel():
-            mx = y.amax(dim=dims).double()
+            mx = y.amax(dim=dims)
             acc.maxv = mx if acc.maxv is None else torch.maximum(acc.maxv, mx)
 
     def gate(self, record: str, module: str, gate: str, kind_: str, pre: torch.Tensor, post: torch.Tensor) -> None:
@@ -259,28 +299,35 @@ class Accumulators:
         yv, xv = units_view(post, -1), units_view(pre, -1)
         acc.n += yv.shape[0]
         acc.units = yv.shape[1]
-        acc.inp = acc.inp.merge(Moments.of(xv))
-        cnt = saturated(kind_, yv.float()).sum(0).double()
+        _add_input(acc, xv, -1)
+        cnt = saturated(kind_, as_float(yv), [0])
         acc.sat = cnt if acc.sat is None else acc.sat + cnt
 
     # -- to the host --
-    def buffer(self, model: nn.Module, layers: dict[str, nn.Module], grads: dict[int, torch.Tensor] | None) -> Buffer:
-        """Every accumulator, and the weights' sums, as (Key, float64 device tensor)."""
+    def buffer(self, model: nn.Module, layers: dict[str, nn.Module], grads: dict[int, torch.Tensor] | None,
+               others: list[tuple[str, torch.Tensor]] | None = None,
+               norms: list[tuple[str, nn.Module]] | None = None) -> Buffer:
+        """Every accumulator, and the weights' sums, as (Key, tensor): a few reductions per layer on
+        the device, nothing converted here (counts known on the host are CPU tensors).
+
+        `others` (default `other_params`): parameters checked for non-finite values only; `norms`
+        (default `norm_layers`): norm layers whose zero weight marks a deliberate zero-init."""
         items: Buffer = []
 
-        def moments(what: str, name: str, m: Moments) -> None:
-            if m.mean is not None:
-                n = torch.tensor([m.n], dtype=torch.float64, device=m.mean.device)
-                items.extend(zip((Key(what, name, p) for p in MOMENT_PARTS), (n, m.mean, m.m2)))
+        def sums(what: str, name: str, s: Sums | None) -> None:
+            if s is not None:
+                items.append((Key(what, name, "n"), torch.tensor([s.n], dtype=torch.float64)))
+                if s.k is not None:
+                    items.append((Key(what, name, "k"), s.k))
+                items.extend([(Key(what, name, "s1"), s.s1), (Key(what, name, "s2"), s.s2)])
 
-        for name, m in self.out.items():
-            moments("out", name, m)
-        for name, m in self.grad.items():
-            moments("grad", name, m)
+        for name, s in self.out.items():
+            sums("out", name, s)
+        for name, s in self.grad.items():
+            sums("grad", name, s)
         for name, a in self.acts.items():
-            dev = a.sat.device if a.sat is not None else (a.maxv.device if a.maxv is not None else None)
-            items.append((Key("actn", name), torch.tensor([a.n], dtype=torch.float64, device=dev)))
-            moments("actin", name, a.inp)
+            items.append((Key("actn", name), torch.tensor([a.n], dtype=torch.float64)))
+            sums("actin", name, a.inp)
             if a.sat is not None:
                 items.append((Key("sat", name), a.sat))
             if a.maxv is not None:
@@ -288,43 +335,63 @@ class Accumulators:
         for name, m in layers.items():
             w = main_weight(m)
             if w is not None:
-                lw = local(w).detach()
-                items.append((Key("w", name, sharded=sharded(w)), weight_vec(lw)))
-                if lw.numel():  # the largest |w| without an |w| copy of the whole weight
-                    lo, hi = torch.aminmax(lw)
-                    items.append((Key("wmax", name), torch.maximum(-lo, hi).double().reshape(1)))
+                lw = as_float(local(w).detach()).reshape(-1)
+                if lw.numel():
+                    shard = sharded(w)
+                    lo, hi = torch.aminmax(lw)  # the largest |w| without an |w| copy of the weight
+                    items += [(Key("w", name, "s1", sharded=shard), lw.sum()),
+                              (Key("w", name, "s2", sharded=shard), torch.dot(lw, lw)),
+                              (Key("wmin", name), lo), (Key("wmax", name), hi)]
                 tw = trained_weight(m)
                 if grads is not None and tw is not None and id(tw) in grads:
                     g = grads[id(tw)]
-                    gw = as_float(local(g.detach()).reshape(-1))
-                    count = torch.tensor(float(gw.numel()), dtype=torch.float64, device=gw.device)
-                    items.append((Key("gw", name, sharded=sharded(g)), torch.stack([torch.dot(gw, gw).double(), count])))
+                    gw = as_float(local(g.detach())).reshape(-1)
+                    items.append((Key("gw", name, sharded=sharded(g)), torch.dot(gw, gw)))
             b = m._parameters.get("bias")
             if isinstance(b, torch.Tensor) and b.numel():
-                items.append((Key("b", name, sharded=sharded(b)), weight_vec(local(b))))
+                lb = as_float(local(b).detach()).reshape(-1)
+                shard = sharded(b)
+                items += [(Key("b", name, "s1", sharded=shard), lb.sum()),
+                          (Key("b", name, "s2", sharded=shard), torch.dot(lb, lb))]
         for index, v in self.stream.items():
             items.append((Key("stream", str(index)), v))
         for name, t in self.values.items():
             items.append((Key("values", name), t))
             w = main_weight(layers[name]) if name in layers else None
             if w is not None:
-                items.append((Key("wvalues", name), local(w).detach().reshape(-1)[: self.keep_values].double().clone()))
+                items.append((Key("wvalues", name), local(w).detach().reshape(-1)[: self.keep_values].clone()))
             tw = trained_weight(layers[name]) if name in layers else None
             if grads is not None and tw is not None and grads.get(id(tw)) is not None:
-                g = local(grads[id(tw)].detach()).reshape(-1)[: self.keep_values].double().clone()
+                g = local(grads[id(tw)].detach()).reshape(-1)[: self.keep_values].clone()
                 items.append((Key("gvalues", name), g))
         if self.out_bad:
-            dev = self.out_bad[0].device
-            items.append((Key("outbad"), torch.cat([t.to(dev) for t in self.out_bad]).sum(0, True)))
-        others = _other_params(model, layers)
-        if others:
-            dev = others[0][1].device
-            items.append((Key("pbad"), torch.stack([(~torch.isfinite(local(p).detach())).sum().double().to(dev)
-                                                    for _, p in others])))
+            bad = self.out_bad[0] if len(self.out_bad) == 1 else torch.cat(
+                [t.to(self.out_bad[0].device) for t in self.out_bad]).sum(0, True)
+            items.append((Key("outbad"), bad))
+        others = other_params(model, layers) if others is None else others
+        if others:  # sum |p|: not finite exactly when p holds a NaN or Inf (counted on the host then)
+            items.append((Key("pbad"), _l1_norms([local(p).detach() for _, p in others])))
+        norms = norm_layers(model, layers) if norms is None else norms
+        if norms:
+            items.append((Key("norms"), _l1_norms([local(m.weight).detach() for _, m in norms])))
         return items
 
 
-def _other_params(model: nn.Module, layers: dict[str, nn.Module]) -> list[tuple[str, torch.Tensor]]:
+def _l1_norms(ts: list[torch.Tensor]) -> torch.Tensor:
+    """sum |t| of each tensor, in one call where they share a device."""
+    dev = ts[0].device
+    if all(t.device == dev for t in ts):
+        return torch.stack(torch._foreach_norm(ts, 1))
+    return torch.stack([torch.linalg.vector_norm(t, 1).float().to(dev) for t in ts])
+
+
+def norm_layers(model: nn.Module, layers: dict[str, nn.Module]) -> list[tuple[str, nn.Module]]:
+    """Norm layers (not measured as weight layers) with a weight: a zero one is a deliberate zero-init."""
+    return [(n, m) for n, m in model.named_modules()
+            if isinstance(m, NORM_MODULES) and n not in layers and isinstance(getattr(m, "weight", None), torch.Tensor)]
+
+
+def other_params(model: nn.Module, layers: dict[str, nn.Module]) -> list[tuple[str, torch.Tensor]]:
     """Floating parameters other than the layers' main weights (checked for non-finite values only)."""
     mains = {id(main_weight(m)) for m in layers.values()}
     return [(n, p) for n, p in model.named_parameters() if p.is_floating_point() and id(p) not in mains]
@@ -337,31 +404,40 @@ def _moments(host: dict[Key, torch.Tensor], what: str, name: str) -> Moments:
     n = host.get(Key(what, name, "n"))
     if n is None:
         return Moments()
-    return Moments(float(n[0]), host[Key(what, name, "mean")], host[Key(what, name, "m2")])
+    return Sums(float(n[0]), host[Key(what, name, "s1")], host[Key(what, name, "s2")],
+                host.get(Key(what, name, "k"))).moments()
 
 
-def nonzero_norms(model: nn.Module, layers: dict[str, nn.Module]) -> list[str]:
+def _pair(host: dict[Key, torch.Tensor], what: str, name: str) -> tuple[float, float] | None:
+    """A tensor's [sum, sum of squares] from the host copy."""
+    s1 = host.get(Key(what, name, "s1"))
+    return None if s1 is None else (float(s1), float(host[Key(what, name, "s2")]))
+
+
+def nonzero_norms(host: dict[Key, torch.Tensor], model: nn.Module, layers: dict[str, nn.Module]) -> list[str]:
     """Norm layers (not measured as weight layers) whose weight is not all zero: the ones to reset.
-
-    Zero-weight norms are deliberate (zero-init residual). This reads the live weights, so `watch`
-    takes it on the training thread before the optimizer changes them.
-    """
-    return [n for n, m in model.named_modules()
-            if isinstance(m, NORM_MODULES) and n not in layers and
-            isinstance(getattr(m, "weight", None), torch.Tensor) and bool((local(m.weight).detach() != 0).any())]
+    Zero-weight norms are deliberate (zero-init residual). Read from the host copy (`norms`)."""
+    v = host.get(Key("norms"))
+    if v is None:
+        return []
+    return [n for (n, _), x in zip(norm_layers(model, layers), v.tolist()) if x != 0]
 
 
 def reads_weights(host: dict[Key, torch.Tensor]) -> bool:
-    """Whether `build_stats` will read live weights beyond `nonzero_norms` (to count non-finite entries)."""
-    return any(key.what in ("w", "b") and bool(t[3]) for key, t in host.items())
+    """Whether `build_stats` will read live weights (to count the non-finite entries of a weight, a
+    bias or another parameter whose sums are not finite)."""
+    for key, t in host.items():
+        if key.what in ("w", "b", "pbad") and not all(math.isfinite(x) for x in t.reshape(-1).tolist()):
+            return True
+    return False
 
 
 def build_stats(model: nn.Module, layers: dict[str, nn.Module], graph: Graph, acc: Accumulators,
                 host: dict[Key, torch.Tensor], grads: dict[int, torch.Tensor] | None, backward: bool,
-                symmetry: bool, norms: list[str] | None = None) -> ModelStats:
+                symmetry: bool) -> ModelStats:
     """ModelStats from the host copy of the buffer, the structure the graph saw, and the weights.
 
-    It reads the live weights only for `symmetry`, for `norms` when not given, and where
+    It reads the live weights only for `symmetry`, for trained norm gains, and where
     `reads_weights(host)`."""
     order = {n: i for i, n in enumerate(acc.order)}
     out = [_layer_stats(name, m, order, graph, acc, host) for name, m in layers.items()]
@@ -375,8 +451,7 @@ def build_stats(model: nn.Module, layers: dict[str, nn.Module], graph: Graph, ac
         if a is not None:
             lay.saturated, lay.saturated_units = a.saturated, a.saturated_units
             lay.dead, lay.preact_std = a.dead, a.preact_std
-    if norms is None:
-        norms = nonzero_norms(model, layers)
+    norms = nonzero_norms(host, model, layers)
     out_bad = int(host[Key("outbad")].sum()) if Key("outbad") in host else 0
     stats = ModelStats(out, acts, norms, out_bad, backward, residual_adds=graph.residual_adds,
                        trained_norms=[n for n in norms if _varies(model.get_submodule(n))])
@@ -385,9 +460,9 @@ def build_stats(model: nn.Module, layers: dict[str, nn.Module], graph: Graph, ac
             stats.values[(VALUE_KINDS[key.what], key.name)] = t.float()
     stats.unknown_ops = [(lay.name, graph.unknown[lay.name]) for lay in out if lay.name in graph.unknown]
     if Key("pbad") in host:
-        for (pname, _), bad in zip(_other_params(model, layers), host[Key("pbad")].tolist()):
-            if bad:
-                stats.nonfinite_params.append((pname, int(bad)))
+        for (pname, p), l1 in zip(other_params(model, layers), host[Key("pbad")].tolist()):
+            if not math.isfinite(l1):
+                stats.nonfinite_params.append((pname, int((~torch.isfinite(local(p).detach())).sum())))
     return stats
 
 
@@ -447,15 +522,17 @@ def _layer_stats(name, m, order, graph: Graph, acc: Accumulators, host) -> Layer
                      weight_shape=list(w.shape) if w is not None else [], fan_in=fi, fan_out=fo,
                      frozen=bool(params) and not any(p.requires_grad for p in params),
                      dtype=str(w.dtype).replace("torch.", "") if w is not None else "float32")
-    if Key("w", name) in host:
-        for k, v in summary_of(host[Key("w", name)], local(w)).items():
+    ws = _pair(host, "w", name)
+    if ws is not None:
+        for k, v in summary_of(w.numel(), *ws, local(w)).items():
             setattr(lay, k, v)
     if Key("wmax", name) in host and lay.weight_nonfinite == 0:
-        lay.weight_absmax = float(host[Key("wmax", name)][0])
+        lay.weight_absmax = max(-float(host[Key("wmin", name)]), float(host[Key("wmax", name)]))
     bias = m._parameters.get("bias")
     lay.has_bias = isinstance(bias, torch.Tensor) and bias.numel() > 0
-    if Key("b", name) in host:
-        bs = summary_of(host[Key("b", name)], local(bias))
+    bsum = _pair(host, "b", name)
+    if bsum is not None:
+        bs = summary_of(bias.numel(), *bsum, local(bias))
         lay.bias_mean, lay.bias_std = bs["weight_mean"], bs["weight_std"]
     follows = graph.follows.get(name)
     if follows is not None:
@@ -465,7 +542,8 @@ def _layer_stats(name, m, order, graph: Graph, acc: Accumulators, host) -> Layer
     norm = graph.stream_norm_of(name)
     if norm is not None and Key("stream", str(norm)) in host:
         num, den = host[Key("stream", str(norm))].tolist()
-        lay.stream_q = num / den if den > 0 and math.isfinite(num / den) else None
+        width = acc.stream_width.get(norm, 0)
+        lay.stream_q = num / den / width if den > 0 and width and math.isfinite(num / den) else None
     lay.fed_by = graph.fed_by.get(name)
     if lay.fed_by is None and lay.index >= 0 and lay.kind == vocab.ATTENTION:
         lay.fed_by = "other"
@@ -482,8 +560,9 @@ def _layer_stats(name, m, order, graph: Graph, acc: Accumulators, host) -> Layer
         lay.grad_nonfinite = mg.nonfinite_units()
         lay.grad_q = mg.q()
     if Key("gw", name) in host:
-        sumsq, count = host[Key("gw", name)].tolist()
-        lay.weight_grad_rms = math.sqrt(sumsq / max(count, 1.0))
+        sumsq = float(host[Key("gw", name)])
+        tw = trained_weight(m)
+        lay.weight_grad_rms = math.sqrt(sumsq / max(tw.numel() if tw is not None else w.numel(), 1))
         if lay.weight_rms:
             lay.weight_grad_ratio = lay.weight_grad_rms / lay.weight_rms
     return lay
@@ -503,6 +582,6 @@ def _act_stats(name: str, a: ActAcc, host: dict[Key, torch.Tensor]) -> Activatio
         s.saturated_units = float((per_unit >= T.SAT_UNIT_BATCH).double().mean())
     if maxv is not None:
         s.dead = float((maxv <= 0).double().mean())
-    if inp.mean is not None and inp.n > 1:
+    if inp.mean is not None and inp.n > 1 and not inp.pooled:
         s.preact_std = float(inp.var_units().sqrt().median())
     return s

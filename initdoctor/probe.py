@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .accumulators import Accumulators, Key, build_stats, to_host
+from .accumulators import Accumulators, Key, build_stats, norm_layers, other_params, to_host
 from .lineage import DROPOUTS, Graph, first_tensor, function_name, tensors
 from .stats import ModelStats
 from .vocab import EMBEDDING
@@ -71,6 +71,45 @@ class _FunctionWatch(TorchFunctionMode):
         return out
 
 
+class Structure:
+    """What a Recorder needs to know of a model's modules, read once (a `watch` reuses it while the
+    model's modules stay the same objects: `matches`)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.modules: dict[str, nn.Module] = dict(model.named_modules())  # shared modules appear once
+        self.ids = _fingerprint(model)
+        self.weight_layers = [n for n, m in self.modules.items() if is_weight_layer(m)]
+        # the layers measured: weight layers, and the out_proj whose weight MultiheadAttention uses
+        self.layers: dict[str, nn.Module] = {n: self.modules[n] for n in self.weight_layers}
+        for n in self.weight_layers:
+            if isinstance(self.modules[n], nn.MultiheadAttention):
+                child = f"{n}.out_proj" if n else "out_proj"
+                if child in self.modules:
+                    self.layers.setdefault(child, self.modules[child])
+        weight = set(self.weight_layers)
+        self.leaves = [n for n, m in self.modules.items() if n not in weight and not list(m.children())]
+        # id(weight) -> the layers that own it (tied weights have several), to attribute functional uses
+        self.owners: dict[int, list[str]] = {}
+        for n, m in self.layers.items():
+            w = m._parameters.get("weight")
+            if isinstance(w, torch.Tensor) and kind(m) != EMBEDDING and main_weight(m) is w:
+                self.owners.setdefault(id(w), []).append(n)
+        self.others = other_params(model, self.layers)
+        self.norms = norm_layers(model, self.layers)
+
+    @classmethod
+    def of(cls, model: nn.Module) -> Structure:
+        return cls(model)
+
+    def matches(self, model: nn.Module) -> bool:
+        """Whether the model still has these module and parameter objects."""
+        return _fingerprint(model) == self.ids
+
+
+def _fingerprint(model: nn.Module) -> tuple:
+    return tuple(id(m) for m in model.modules()) + tuple(id(p) for p in model.parameters())
+
+
 class Recorder:
     """Hooks on a model that reduce what flows through it to per-layer accumulators.
 
@@ -80,29 +119,15 @@ class Recorder:
     """
 
     def __init__(self, model: nn.Module, *, dropout_off: bool = False, functions: bool = True,
-                 gradients: bool = True, keep_values: int = 0) -> None:
+                 gradients: bool = True, keep_values: int = 0, structure: Structure | None = None) -> None:
         self.model = model
         self.dropout_off = dropout_off
         self.functions = functions
         self.gradients = gradients
         self.keep_values = keep_values
-        self.modules: dict[str, nn.Module] = dict(model.named_modules())  # shared modules appear once
-        weight_layers = [n for n, m in self.modules.items() if is_weight_layer(m)]
-        # the layers measured: weight layers, and the out_proj whose weight MultiheadAttention uses
-        self.layers: dict[str, nn.Module] = {n: self.modules[n] for n in weight_layers}
-        for n in weight_layers:
-            if isinstance(self.modules[n], nn.MultiheadAttention):
-                child = f"{n}.out_proj" if n else "out_proj"
-                if child in self.modules:
-                    self.layers.setdefault(child, self.modules[child])
-        leaves = {n for n, m in self.modules.items() if not is_weight_layer(m) and not list(m.children())}
-        # id(weight) -> the layers that own it (tied weights have several), to attribute functional uses
-        self._owners: dict[int, list[str]] = {}
-        for n, m in self.layers.items():
-            w = m._parameters.get("weight")
-            if isinstance(w, torch.Tensor) and kind(m) != EMBEDDING and main_weight(m) is w:
-                self._owners.setdefault(id(w), []).append(n)
-        self.graph = Graph(set(weight_layers), leaves)
+        self.structure = structure if structure is not None else Structure.of(model)
+        self.modules, self.layers, self._owners = self.structure.modules, self.structure.layers, self.structure.owners
+        self.graph = Graph(set(self.structure.weight_layers), set(self.structure.leaves))
         self._module_handles: list[Any] = []
         self._tensor_handles: list[Any] = []
         self._stack: list[str] = []
@@ -318,16 +343,16 @@ class Recorder:
         """The first half of `finish`: tensor hooks off, the buffer reduced on the device (and across
         processes) and copied to the host. It reads the weights and `grads` as they are now."""
         self._remove_tensor_hooks()
-        items = self.acc.buffer(self.model, self.layers, grads)
+        items = self.acc.buffer(self.model, self.layers, grads, self.structure.others, self.structure.norms)
         if reduce is not None:
             items = reduce(items)
         return to_host(items)
 
     def build(self, host: dict[Key, torch.Tensor], grads: dict[int, torch.Tensor] | None = None,
-              backward: bool = True, symmetry: bool = True, norms: list[str] | None = None) -> ModelStats:
+              backward: bool = True, symmetry: bool = True) -> ModelStats:
         """The second half of `finish`: `ModelStats` from the host copy (see `build_stats` for what
         it still reads from the live model)."""
-        return build_stats(self.model, self.layers, self.graph, self.acc, host, grads, backward, symmetry, norms)
+        return build_stats(self.model, self.layers, self.graph, self.acc, host, grads, backward, symmetry)
 
 
 # --- one examination ------------------------------------------------------------------------

@@ -36,8 +36,92 @@ def sample_dims(t: torch.Tensor, unit_dim: int) -> list[int] | None:
 
 
 @dataclass
+class Sums:
+    """Raw per-unit sums of a tensor, taken on its device in a few kernels and never synchronized.
+
+    Each unit is shifted by its first sample `k` (values near it subtract exactly, so a variance of
+    1e-17 next to a mean of 0.5 survives), then `s1` = sum of (x - k) per unit and `s2` = sum of
+    (x - k)^2, either per unit or `pooled` over all units (what the signal and q need: one float64
+    norm, which cannot overflow for float32 values). Gradients are taken unshifted (`k` None): their
+    scale G = mean(g^2) is s2 itself. A NaN or Inf in a unit makes its s1 non-finite. Later calls of
+    the same module add up under the first call's shift; `moments()` turns the sums into per-unit
+    means and centred sums of squares in float64 on the host.
+    """
+
+    n: float
+    s1: torch.Tensor
+    s2: torch.Tensor
+    k: torch.Tensor | None = None  # per-unit shift (flat), None for 0
+
+    @staticmethod
+    def over(t: torch.Tensor, unit_dim: int, *, shift: bool = True, pooled: bool = True) -> Sums | None:
+        x = as_float(t.detach())
+        if x.numel() == 0:
+            return None
+        dims = sample_dims(x, unit_dim)
+        if dims is None:
+            x, ud, dims = units_view(x, unit_dim), 1, [0]
+        else:
+            ud = unit_dim % x.dim()
+        n = float(x.numel() // max(x.shape[ud], 1))
+        k = None
+        if shift:
+            k = x[tuple(slice(None) if d == ud else slice(0, 1) for d in range(x.dim()))].reshape(-1).clone()
+        return Sums(n, *_sums(x, k, ud, dims, pooled), k)
+
+    @property
+    def units(self) -> int:
+        return int(self.s1.numel())
+
+    def add(self, t: torch.Tensor, unit_dim: int) -> None:
+        """Another call's tensor, under this one's shift (so the sums simply add)."""
+        x = as_float(t.detach())
+        if x.numel() == 0:
+            return
+        dims = sample_dims(x, unit_dim)
+        if dims is None:
+            x, ud, dims = units_view(x, unit_dim), 1, [0]
+        else:
+            ud = unit_dim % x.dim()
+        if x.shape[ud] != self.s1.numel():
+            raise ValueError(f"{x.shape[ud]} units where an earlier call had {self.s1.numel()}")
+        s1, s2 = _sums(x, self.k, ud, dims, self.s2.numel() == 1 and self.s1.numel() != 1)
+        self.n += float(x.numel() // max(x.shape[ud], 1))
+        self.s1 = self.s1 + s1
+        self.s2 = self.s2 + s2
+
+    def moments(self) -> Moments:
+        """Per-unit mean and centred sum of squares, float64 on the CPU."""
+        s1 = self.s1.detach().double().cpu()
+        s2 = self.s2.detach().double().cpu()
+        k = self.k.detach().double().cpu() if self.k is not None else torch.zeros_like(s1)
+        d = s1 / self.n
+        sq = s1 * d  # sum over samples of the mean deviation, squared, per unit
+        m2 = s2 - (sq.sum().reshape(1) if s2.numel() != s1.numel() else sq)
+        return Moments(self.n, k + d, m2.clamp_min(0.0))
+
+
+def _sums(x: torch.Tensor, k: torch.Tensor | None, ud: int, dims: list[int],
+          pooled: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    if k is not None:
+        x = x - k.reshape([-1 if d == ud else 1 for d in range(x.dim())])
+    s1 = x.sum(dim=dims)
+    if pooled:
+        s2 = torch.linalg.vector_norm(x, dtype=torch.float64).square_().reshape(1)
+    elif k is not None:
+        s2 = x.square_().sum(dim=dims)  # our own shifted copy
+    else:
+        s2 = x.square().sum(dim=dims)
+    return s1, s2
+
+
+@dataclass
 class Moments:
-    """Per-unit count, mean and centred sum of squares (float64 vectors on the CPU once finished)."""
+    """Per-unit count, mean and centred sum of squares (float64 vectors on the CPU once finished).
+
+    `m2` is per unit, or one number pooled over the units (`Sums(pooled=True)`): the average
+    variance, q and the merge need only its sum.
+    """
 
     n: float = 0.0
     mean: torch.Tensor | None = None
@@ -45,37 +129,20 @@ class Moments:
 
     @staticmethod
     def over(t: torch.Tensor, unit_dim: int) -> Moments:
-        """`of` for a tensor whose units lie on `unit_dim`, without copying it into (samples, units)."""
-        dims = sample_dims(t, unit_dim)
-        if dims is None:
-            return Moments.of(units_view(t, unit_dim))
-        return Moments._reduce(t, unit_dim % t.dim(), dims)
+        """Per-unit moments of a tensor whose units lie on `unit_dim`."""
+        s = Sums.over(t, unit_dim, pooled=False)
+        return Moments() if s is None else s.moments()
 
     @staticmethod
     def of(x: torch.Tensor) -> Moments:
-        """Reduce a (samples, units) tensor in two float32 passes; stays on its device, never synchronizes.
-
-        Each unit is shifted by its first sample (values near it subtract exactly) and scaled by its
-        largest deviation, so squares stay finite for any finite input and a variance of 1e-17 next
-        to a mean of 0.5 survives (relative error ~1e-7). A NaN or Inf in a unit makes its mean or m2
-        non-finite, which is how `nonfinite_units` finds it.
-        """
+        """Per-unit moments of a (samples, units) tensor."""
         if x.shape[0] == 0:
             return Moments()
-        return Moments._reduce(x, 1, [0])
+        return Moments.over(x, 1)
 
-    @staticmethod
-    def _reduce(t: torch.Tensor, ud: int, dims: list[int]) -> Moments:
-        x = as_float(t.detach())
-        k = x[tuple(slice(None) if d == ud else slice(0, 1) for d in range(x.dim()))]
-        xs = x - k
-        scale = xs.abs().amax(dim=dims, keepdim=True).clamp_min(1e-30)
-        xs = xs.div_(scale)
-        d = xs.mean(dim=dims, keepdim=True)
-        m2 = (xs - d).square_().sum(dim=dims).double()
-        s64 = scale.reshape(-1).double()
-        n = float(x.numel() // max(x.shape[ud], 1))
-        return Moments(n, k.reshape(-1).double() + d.reshape(-1).double() * s64, m2 * s64.square())
+    @property
+    def pooled(self) -> bool:
+        return self.m2 is not None and self.m2.numel() != self.mean.numel()
 
     def merge(self, other: Moments) -> Moments:
         if self.mean is None:
@@ -85,7 +152,11 @@ class Moments:
         n = self.n + other.n
         delta = other.mean - self.mean
         mean = self.mean + delta * (other.n / n)
-        m2 = self.m2 + other.m2 + delta.square() * (self.n * other.n / n)
+        corr = delta.square() * (self.n * other.n / n)
+        if self.pooled or other.pooled:
+            m2 = self.m2.sum().reshape(1) + other.m2.sum().reshape(1) + corr.sum().reshape(1)
+        else:
+            m2 = self.m2 + other.m2 + corr
         return Moments(n, mean, m2)
 
     @property
@@ -93,38 +164,31 @@ class Moments:
         return 0 if self.mean is None else int(self.mean.numel())
 
     def var_units(self) -> torch.Tensor:
+        """Per-unit variance (per-unit moments only)."""
+        if self.pooled:
+            raise ValueError("pooled moments have no per-unit variance")
         return self.m2 / max(self.n, 1.0)
 
     def q(self) -> float:
         """Second moment mean(y^2) = mean over units of (var + mean^2)."""
-        return float((self.var_units() + self.mean.square()).mean())
+        return self.var() + float(self.mean.square().mean())
 
     def var(self) -> float:
         """Per-unit variance over samples, averaged over units: the input-dependent signal."""
-        return float(self.var_units().mean())
+        return float(self.m2.sum()) / (max(self.n, 1.0) * max(self.units, 1))
 
     def nonfinite_units(self) -> int:
-        return int((~(torch.isfinite(self.mean) & torch.isfinite(self.m2))).sum())
+        bad = ~torch.isfinite(self.mean)
+        if not self.pooled:
+            bad |= ~torch.isfinite(self.m2)
+        return int(bad.sum())
 
 
-def weight_vec(w: torch.Tensor) -> torch.Tensor:
-    """[count, sum, sum of squares, non-finite flag] of a tensor, on its device, in two passes.
-
-    Weights are centred near zero, so the one-pass variance is exact enough here (unlike for
-    activations, see Moments). Any NaN/Inf makes the sums non-finite, which sets the flag. All four
-    add up over the shards of a sharded parameter.
-    """
-    x = as_float(w.detach().reshape(-1))
-    s1 = x.sum().double()  # pairwise summation; a float64 accumulator costs 15x here
-    s2 = torch.dot(x, x).double() if x.numel() else s1 * 0
-    n = torch.tensor(float(x.numel()), dtype=torch.float64, device=x.device)
-    return torch.stack([n, s1, s2, (~torch.isfinite(s1 + s2)).double()])
-
-
-def summary_of(vec: torch.Tensor, w: torch.Tensor | None = None) -> dict:
-    """Mean, std and rms from `weight_vec`; with non-finite entries, their count (read from `w`)."""
-    n, s1, s2, nonfinite = vec.tolist()
-    if nonfinite:
+def summary_of(n: int, s1: float, s2: float, w: torch.Tensor | None = None) -> dict:
+    """Mean, std and rms of a tensor of `n` entries from its sum and sum of squares (float32 sums:
+    weights are centred near zero, so the one-pass variance is exact enough here, unlike for
+    activations). Sums that are not finite mean NaN/Inf entries: their count is read from `w`."""
+    if not (math.isfinite(s1) and math.isfinite(s2)):
         bad = int((~torch.isfinite(w.detach())).sum()) if w is not None else 1
         return {"weight_mean": None, "weight_std": None, "weight_rms": None, "weight_nonfinite": bad}
     if n == 0:

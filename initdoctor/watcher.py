@@ -30,11 +30,11 @@ from typing import Any
 from torch import nn
 
 from . import distributed
-from .accumulators import nonzero_norms, reads_weights
+from .accumulators import reads_weights
 from .codes import SEVERITY_RANK
 from .compiled import CompiledRecorder, compiled_parts
 from .diagnosis import Diagnosis, judge
-from .probe import Recorder
+from .probe import Recorder, Structure
 from .rules import Finding
 from .stats import ModelStats
 from .vocab import HISTORY_FIELDS
@@ -172,6 +172,7 @@ class Watch:
         self.last: Diagnosis | None = None
         self._warned: dict[str, int] = {}
         self._rec: Recorder | None = None
+        self._structure: Structure | None = None
         self._tb: Any = None  # report.tensorboard.RunWriter, made on the first write
         self._lock = threading.Lock()  # _warned and _pending: decided on the worker, read here
         self._pending: list[str] = []  # warnings decided, to be issued on the training thread
@@ -255,8 +256,12 @@ class Watch:
     def _arm(self) -> None:
         if self._rec is None:
             keep = HISTOGRAM_VALUES if self.histograms else 0
-            rec = (Recorder(self.model, keep_values=keep) if self.compiled is None
-                   else CompiledRecorder(self.compiled, self.model, keep_values=keep))
+            if self.compiled is None:
+                if self._structure is None or not self._structure.matches(self.model):
+                    self._structure = Structure(self.model)  # read again when modules or parameters change
+                rec = Recorder(self.model, keep_values=keep, structure=self._structure)
+            else:
+                rec = CompiledRecorder(self.compiled, self.model, keep_values=keep)
             rec.__enter__()
             self._rec = rec
 
@@ -290,10 +295,8 @@ class Watch:
                 stats = rec.build(host, params or None, backward, symmetry)
                 build = _built(stats)
             else:
-                norms = nonzero_norms(self.model, rec.layers)  # live weights: read now
-
-                def build(rec=rec, host=host, backward=backward, norms=norms) -> ModelStats:
-                    return rec.build(host, None, backward, False, norms)
+                def build(rec=rec, host=host, backward=backward) -> ModelStats:
+                    return rec.build(host, None, backward, False)
         writer_rank = self._is_writer_rank()
         images = self.writer is not None and writer_rank and (
             self.sampled == 0 or (self.images_every is not None and self.sampled % self.images_every == 0))

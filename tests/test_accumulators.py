@@ -12,13 +12,18 @@ from torch import nn
 
 from initdoctor.accumulators import Key, Reduce, build_stats, combine, pack, to_host, unpack
 from initdoctor.probe import Recorder
-from initdoctor.stats import Moments
+from initdoctor.stats import Moments, Sums
 
 
-def _moments_items(x: torch.Tensor) -> list:
-    m = Moments.of(x)
-    return [(Key("out", "l", "n"), torch.tensor([m.n], dtype=torch.float64)),
-            (Key("out", "l", "mean"), m.mean), (Key("out", "l", "m2"), m.m2)]
+def _moments_items(x: torch.Tensor, pooled: bool = False) -> list:
+    s = Sums.over(x, 1, pooled=pooled)
+    return [(Key("out", "l", "n"), torch.tensor([s.n], dtype=torch.float64)), (Key("out", "l", "k"), s.k),
+            (Key("out", "l", "s1"), s.s1), (Key("out", "l", "s2"), s.s2)]
+
+
+def _host_moments(got: dict) -> Moments:
+    return Sums(float(got[Key("out", "l", "n")][0]), got[Key("out", "l", "s1")], got[Key("out", "l", "s2")],
+                got[Key("out", "l", "k")]).moments()
 
 
 def test_keys_say_how_they_combine():
@@ -40,11 +45,46 @@ def test_pack_and_unpack_round_trip():
         assert b.shape == a.shape and b.dtype == torch.float64 and torch.equal(a.double(), b)
 
 
-def test_host_copy_keeps_every_key_as_float64():
-    items = [(Key("sat", "a"), torch.tensor([1.0, 2.0])), (Key("w", "b", sharded=True), torch.ones(4))]
+def test_host_copy_takes_cpu_tensors_as_they_are():
+    """On the CPU the 'copy' is free: no conversion runs on the training thread."""
+    items = [(Key("sat", "a"), torch.tensor([1.0, 2.0])), (Key("w", "b", "s1", sharded=True), torch.tensor(4.0))]
     host = to_host(items)
-    assert set(host) == {Key("sat", "a"), Key("w", "b")}
-    assert all(t.dtype == torch.float64 for t in host.values())
+    assert set(host) == {Key("sat", "a"), Key("w", "b", "s1")}
+    assert all(host[k] is t for k, t in items)
+
+
+def test_sums_give_exact_moments_for_tiny_variances_and_huge_values():
+    gen = torch.Generator().manual_seed(0)
+    x = (0.5 + 1e-4 * torch.randn(256, 3, generator=gen)).float()  # sigmoid-like: mean 0.5, var 1e-8
+    ref = x.double().var(0, unbiased=False)
+    per_unit = Sums.over(x, 1, pooled=False).moments()
+    torch.testing.assert_close(per_unit.var_units(), ref, rtol=1e-5, atol=0)
+    torch.testing.assert_close(per_unit.mean, x.double().mean(0), rtol=1e-7, atol=0)
+    pooled = Sums.over(x, 1).moments()
+    assert pooled.pooled and pooled.var() == pytest.approx(float(ref.mean()), rel=1e-5)
+    assert pooled.q() == pytest.approx(float(x.double().square().mean()), rel=1e-6)
+    big = torch.randn(64, 8, generator=gen) * 1e30  # squares beyond float32's range
+    m = Sums.over(big, 1).moments()
+    assert m.nonfinite_units() == 0
+    assert m.q() == pytest.approx(float(big.double().square().mean()), rel=1e-5)
+    g = Sums.over(big, 1, shift=False).moments()  # gradients: unshifted, the same q
+    assert g.q() == pytest.approx(m.q(), rel=1e-5)
+    bad = big.clone()
+    bad[3, 2] = float("nan")
+    bad[0, 5] = float("inf")
+    assert Sums.over(bad, 1).moments().nonfinite_units() == 2
+
+
+def test_later_calls_add_under_the_first_shift():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(30, 4, 6, generator=gen) + 3.0
+    s = Sums.over(x[:10], -1)
+    s.add(x[10:], -1)
+    whole = Moments.of(x.reshape(-1, 6).double())
+    got = s.moments()
+    assert got.n == 120
+    torch.testing.assert_close(got.mean, whole.mean, rtol=1e-6, atol=0)
+    assert got.var() == pytest.approx(whole.var(), rel=1e-5)
 
 
 def test_combined_moments_equal_one_pass_over_the_whole_batch():
@@ -52,23 +92,27 @@ def test_combined_moments_equal_one_pass_over_the_whole_batch():
     # a tiny input-dependent part beside a large mean: the case that one-pass formulas lose
     x = 0.5 + 1e-8 * torch.randn(64, 5, generator=gen, dtype=torch.float64)
     a, b = _moments_items(x[:40]), _moments_items(x[40:])
-    got = dict(combine([(k, [ta, tb]) for (k, ta), (_, tb) in zip(a, b)]))
+    got = _host_moments(dict(combine([(k, [ta, tb]) for (k, ta), (_, tb) in zip(a, b)])))
     whole = Moments.of(x)
-    assert float(got[Key("out", "l", "n")][0]) == 64
-    torch.testing.assert_close(got[Key("out", "l", "mean")], whole.mean, rtol=1e-12, atol=0)
-    torch.testing.assert_close(got[Key("out", "l", "m2")], whole.m2, rtol=1e-6, atol=0)
-    torch.testing.assert_close(got[Key("out", "l", "m2")] / 64, x.var(0, unbiased=False), rtol=1e-6, atol=0)
+    assert got.n == 64
+    torch.testing.assert_close(got.mean, whole.mean, rtol=1e-12, atol=0)
+    torch.testing.assert_close(got.m2, whole.m2, rtol=1e-6, atol=0)
+    torch.testing.assert_close(got.m2 / 64, x.var(0, unbiased=False), rtol=1e-6, atol=0)
+    # pooled over units (what layer outputs carry): the same average variance
+    a, b = _moments_items(x[:40], pooled=True), _moments_items(x[40:], pooled=True)
+    pooled = _host_moments(dict(combine([(k, [ta, tb]) for (k, ta), (_, tb) in zip(a, b)])))
+    assert pooled.pooled and pooled.var() == pytest.approx(float(x.var(0, unbiased=False).mean()), rel=1e-6)
 
 
 def test_sum_max_and_first_reductions():
     items = [(Key("sat", "a"), [torch.tensor([1.0, 2.0]), torch.tensor([3.0, 4.0])]),
              (Key("maxv", "a"), [torch.tensor([1.0, 5.0]), torch.tensor([3.0, -4.0])]),
-             (Key("w", "a"), [torch.tensor([7.0]), torch.tensor([9.0])]),
+             (Key("w", "a", "s1"), [torch.tensor([7.0]), torch.tensor([9.0])]),
              (Key("gw", "s", sharded=True), [torch.tensor([1.0, 2.0]), torch.tensor([3.0, 4.0])])]
     got = dict(combine(items))
     assert got[Key("sat", "a")].tolist() == [4.0, 6.0]
     assert got[Key("maxv", "a")].tolist() == [3.0, 5.0]
-    assert got[Key("w", "a")].tolist() == [7.0]  # replicated: rank 0's copy
+    assert got[Key("w", "a", "s1")].tolist() == [7.0]  # replicated: rank 0's copy
     assert got[Key("gw", "s")].tolist() == [4.0, 6.0]  # shards: their sums add up
 
 

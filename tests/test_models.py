@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import copy
 import dataclasses
 import json
 import pickle
@@ -174,6 +175,40 @@ def test_cuda_model():
     d = initdoctor.check(model, torch.randn(8, 3, 16, 16, device="cuda"))
     assert fired(d) == set()
     assert all(p.device.type == "cuda" for p in model.parameters())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_check_and_watch_agree_with_the_cpu():
+    """The device path (sums reduced on the GPU, one packed copy to the host) gives the CPU's numbers."""
+    torch.manual_seed(0)
+    cpu = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 32), nn.Sigmoid(), nn.Linear(32, 32),
+                        nn.ReLU(), nn.Linear(32, 4))
+    gpu = copy.deepcopy(cpu).cuda()
+    x = torch.randn(64, 16)
+    a, b = initdoctor.check(cpu, x), initdoctor.check(gpu, x.cuda())
+    assert [f.code for f in a.findings] == [f.code for f in b.findings]
+    for la, lb in zip(a.layers, b.layers):
+        for attr in ("q", "signal", "grad_q", "weight_std", "weight_absmax", "saturated", "dead", "preact_std"):
+            va, vb = getattr(la, attr), getattr(lb, attr)
+            assert (va is None) == (vb is None), (la.name, attr)
+            if va is not None:
+                assert vb == pytest.approx(va, rel=1e-4, abs=1e-9), (la.name, attr)
+    histories = []
+    for model, dev in ((cpu, "cpu"), (gpu, "cuda")):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        with initdoctor.watch(model, every=1, warn=False) as doctor:
+            for _ in range(3):
+                opt.zero_grad()
+                model(x.to(dev)).square().mean().backward()
+                doctor.step(wait=False)
+                opt.step()
+        histories.append(doctor.history)
+    for ra, rb in zip(*histories):
+        assert ra["layers"].keys() == rb["layers"].keys()
+        for name, la in ra["layers"].items():
+            for key in ("signal", "grad_q"):
+                if la.get(key) is not None:
+                    assert rb["layers"][name][key] == pytest.approx(la[key], rel=1e-3), (name, key)
 
 
 # --- inputs -------------------------------------------------------------------------------------
