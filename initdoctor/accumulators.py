@@ -89,22 +89,44 @@ class Key:
 Buffer = list[tuple[Key, torch.Tensor]]
 
 
+def _layout(items: Buffer) -> list[int]:
+    """The order in which `pack` lays items out: grouped by dtype and device (first seen first), so
+    that each group is one concatenation, one conversion and one copy, not one per tensor (kernel
+    launches on a GPU)."""
+    groups: dict[tuple, list[int]] = {}
+    for i, (_, t) in enumerate(items):
+        groups.setdefault((t.dtype, t.device), []).append(i)
+    return [i for idx in groups.values() for i in idx]
+
+
 def pack(items: Buffer) -> torch.Tensor:
     """Every tensor of a buffer flattened into one float64 vector (on the first accelerator's device
     among them, else the CPU: the counts known on the host travel with the device's tensors)."""
     dev = next((t.device for _, t in items if t.device.type != "cpu"), items[0][1].device)
-    return torch.cat([t.reshape(-1).double().to(dev) for _, t in items])
+    parts: list[torch.Tensor] = []
+    order = _layout(items)
+    start = 0
+    while start < len(order):
+        first = items[order[start]][1]
+        end = start
+        while end < len(order) and (items[order[end]][1].dtype, items[order[end]][1].device) == (
+                first.dtype, first.device):
+            end += 1
+        parts.append(torch.cat([items[i][1].reshape(-1) for i in order[start:end]]).to(dev).double())
+        start = end
+    return torch.cat(parts)
 
 
 def unpack(flat: torch.Tensor, like: Buffer) -> Buffer:
     """The inverse of `pack`, shaped as `like`."""
-    out: Buffer = []
+    out: list[tuple[Key, torch.Tensor] | None] = [None] * len(like)
     pos = 0
-    for key, t in like:
+    for i in _layout(like):
+        key, t = like[i]
         n = t.numel()
-        out.append((key, flat[pos:pos + n].reshape(t.shape)))
+        out[i] = (key, flat[pos:pos + n].reshape(t.shape))
         pos += n
-    return out
+    return out  # type: ignore[return-value]
 
 
 def to_host(items: Buffer) -> dict[Key, torch.Tensor]:

@@ -188,11 +188,13 @@ def test_cuda_check_and_watch_agree_with_the_cpu():
     a, b = initdoctor.check(cpu, x), initdoctor.check(gpu, x.cuda())
     assert [f.code for f in a.findings] == [f.code for f in b.findings]
     for la, lb in zip(a.layers, b.layers):
-        for attr in ("q", "signal", "grad_q", "weight_std", "weight_absmax", "saturated", "dead", "preact_std"):
+        for attr in ("q", "signal", "grad_q", "weight_std", "weight_absmax", "preact_std", "saturated", "dead"):
             va, vb = getattr(la, attr), getattr(lb, attr)
             assert (va is None) == (vb is None), (la.name, attr)
             if va is not None:
-                assert vb == pytest.approx(va, rel=1e-4, abs=1e-9), (la.name, attr)
+                # shares of samples or units: a value at a threshold may fall on either side on the GPU
+                share = attr in ("saturated", "dead")
+                assert vb == pytest.approx(va, rel=1e-4, abs=0.02 if share else 1e-9), (la.name, attr, va, vb)
     histories = []
     for model, dev in ((cpu, "cpu"), (gpu, "cuda")):
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
