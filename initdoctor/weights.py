@@ -365,35 +365,43 @@ def _screen(items: list[tuple[str, Rows, Rows | None, float]]) -> list[bool]:
     """Per item, whether it is certainly plain: finite, not constant, no two rows within the
     tolerance (no neighbours close on three projections), gradient not constant and its rows differ.
 
-    Each matrix is read by a few large ops (its projections, row norms, extremes) with no copy; the
-    rest runs once on the small stacked results.
+    Each matrix is read by two ops (its projections, its extremes) with no copy; the rest runs once
+    on the small stacked results. The tolerance is taken from the largest entry (sqrt(fan + 1) *
+    max|w| bounds every row norm from above), which only makes the screen more cautious: what it
+    does not pass goes through `symmetry_of`.
     """
     tol_rel = items[0][3]
     rows0 = items[0][1]
     n, fan = rows0.w.shape
     v = _directions(fan, 3, rows0.w)
-    proj, norms, ext, g1, gnorms, gext = [], [], [], [], [], []
+    vw, vb = v[:fan], v[-1]
+    proj, lo, hi, g1, glo, ghi = [], [], [], [], [], []
     for _, rows, grows, _ in items:
-        proj.append(rows.project(v))
-        norms.append(rows.norms())
-        ext.append(torch.stack(torch.aminmax(rows.w)))
-        g1.append(grows.project(v[:, :1])[:, 0])
-        gnorms.append(grows.norms())
-        gext.append(torch.stack(torch.aminmax(grows.w)))
-    proj, norms, ext = torch.stack(proj), torch.stack(norms), torch.stack(ext)
-    g1, gnorms, gext = torch.stack(g1), torch.stack(gnorms), torch.stack(gext)
-    tol = tol_rel * norms.amax(1)  # (L,)
-    lo, hi = ext[:, 0], ext[:, 1]
+        proj.append(rows.w @ vw if rows.b is None else torch.addmm(rows.b[:, None] * vb, rows.w, vw))
+        g1.append(grows.w @ vw[:, 0] if grows.b is None else torch.addmv(grows.b * vb[0], grows.w, vw[:, 0]))
+        for t, los, his in ((rows.w, lo, hi), (grows.w, glo, ghi)):
+            a, b = torch.aminmax(t)
+            los.append(a)
+            his.append(b)
+    proj, g1 = torch.stack(proj), torch.stack(g1)
+    lo, hi, glo, ghi = torch.stack(lo), torch.stack(hi), torch.stack(glo), torch.stack(ghi)
+    if rows0.b is not None:  # the biases' extremes, small: one op for all
+        bext = torch.stack([r.b for _, r, _, _ in items]).abs().amax(1)
+        gbext = torch.stack([g.b for _, _, g, _ in items]).abs().amax(1)
+    else:
+        bext = gbext = torch.zeros_like(lo)
+    root = math.sqrt(fan + 1)
+    wmax = torch.maximum(lo.abs(), hi.abs())
+    tol = tol_rel * root * torch.maximum(wmax, bext)  # (L,)
     finite = torch.isfinite(lo) & torch.isfinite(hi) & torch.isfinite(tol)
-    not_constant = (hi - lo) > tol_rel * torch.maximum(lo.abs(), hi.abs()).clamp_min(1e-30)
+    not_constant = (hi - lo) > tol_rel * wmax.clamp_min(1e-30)
     order = torch.argsort(proj[:, :, 0], dim=1)
     ps = torch.gather(proj, 1, order[:, :, None].expand(-1, -1, 3))
     close = torch.zeros(len(items), dtype=torch.bool, device=proj.device)
     for k in range(1, min(_LOOKAHEAD, n - 1) + 1):
         close |= ((ps[:, k:] - ps[:, :-k]).abs() <= tol[:, None, None]).all(2).any(1)
-    gtol = tol_rel * gnorms.amax(1).clamp_min(1e-30)
-    glo, ghi = gext[:, 0], gext[:, 1]
     gmax = torch.maximum(glo.abs(), ghi.abs())
+    gtol = tol_rel * root * torch.maximum(gmax, gbext).clamp_min(1e-30)
     grad_varies = (gmax > 0) & ((ghi - glo) > tol_rel * gmax)
     differ = (g1 - g1[:, :1]).abs().amax(1) > gtol
     plain = finite & not_constant & ~close & grad_varies & differ & torch.isfinite(gtol)
