@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import fnmatch
+import math
 from dataclasses import asdict, dataclass, replace
 
+from . import vocab
 from .depth import tanh_depth
 from .rules import Finding, architectural
 from .schemes import centre_bias, recommend
@@ -28,11 +30,22 @@ class Prescription:
     apply: bool = True
     recommended: str = ""  # the textbook scheme, also when the entry says keep
     transposed: bool = False  # the weight is stored (in, out): drawn as (out, in), then transposed
+    # the forward fans the scale is computed from, where torch.nn.init would read others off the tensor
+    # (a strided or grouped convolution's fan-out: weights.conv_fan_out); None: torch's are right
+    fans: tuple[float, float] | None = None
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["gain"] = round(self.gain, 4)
         return d
+
+
+def _own_fans(lay: LayerStats) -> tuple[float, float] | None:
+    """The layer's forward fans where torch.nn.init would read different ones off its weight."""
+    if lay.kind != vocab.CONV or not (lay.fan_in and lay.fan_out) or len(lay.weight_shape) < 3:
+        return None
+    torch_out = lay.weight_shape[0] * math.prod(lay.weight_shape[2:])
+    return None if lay.fan_out == torch_out else (lay.fan_in, lay.fan_out)
 
 
 def _deliberate_zero(lay: LayerStats) -> bool:
@@ -48,6 +61,9 @@ def _why_keep(lay: LayerStats, scheme: str, keep: tuple[str, ...], sick: bool, a
         return "frozen parameters are not trained"
     if any(fnmatch.fnmatchcase(lay.name, pat) for pat in keep):
         return "excluded by --keep"
+    if lay.transposed is None:
+        return ("never ran, and it is not a torch layer: whether its weight is stored (out, in) or (in, out) "
+                "shows only in its operation, so it is not re-drawn")
     if _deliberate_zero(lay):
         return "deliberate zero-init: its gradient rows differ, so it moves on the first step"
     if not sick:
@@ -81,7 +97,7 @@ def make_plan(stats: ModelStats, findings: list[Finding], keep: tuple[str, ...] 
             reason = f"forced {scheme} (textbook: {textbook}); gain {gain:.3g} from the nonlinearity"
         bias = ("centred" if centre_bias(lay) else "zeros") if lay.has_bias else "none"
         entry = Prescription(lay.name, sch, gain, mode, bias, reason, recommended=textbook,
-                             transposed=lay.transposed)
+                             transposed=bool(lay.transposed), fans=_own_fans(lay))
         why_keep = _why_keep(lay, sch, keep, sick or only is not None, bool(arch), textbook, gain)
         if why_keep is None and only is not None and lay.name not in only:
             why_keep = "kept: only the layers drawn far too large (ID501) are re-drawn"

@@ -168,7 +168,8 @@ class LayerStats:
     name: str
     type: str
     kind: str = "linear"  # vocab.KINDS: how the weight maps inputs to units
-    transposed: bool = False  # the weight is stored (in, out): the model computes x @ W (HF Conv1D)
+    transposed: bool | None = False  # the weight is stored (in, out): the model computes x @ W (HF Conv1D);
+    # None: the layout is unknown (not a torch layer, and it never ran), and so are its fans
     parametrization: str | None = None  # what computes the weight from its parameters (spectral_norm, ...)
     tied: list[str] = field(default_factory=list)  # other layers that use the same weight tensor
     tied_embedding: str | None = None  # an embedding among them: the weight's scale is the embedding's

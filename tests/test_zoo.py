@@ -70,6 +70,11 @@ def test_vit_class_token_scale_is_not_an_exploding_gradient():
     assert d.codes() == set()
     qkv = next(f for f in d.findings if f.code == "ID204" and "qkv" in f.layers[0])
     assert qkv.evidence["raw_ratio"] > 100 and qkv.evidence["ratio"] < 3  # measured 351 and 1.3
+    # the patchify conv (stride = kernel = 4): each pixel reaches 384 outputs, not torch's 384 * 16, so
+    # its default draw (std 0.083) is 1.2x Xavier (0.068), not 4.6x (ID501 noted it before)
+    patch = d.stats.layer("patch_embed")
+    assert (patch.fan_in, patch.fan_out) == (48, 384)
+    assert not any("patch_embed" in f.layers for f in d.findings if f.code == "ID501")
 
 
 def test_squeeze_excitation_units_off_by_chance_are_not_dead():
