@@ -473,6 +473,8 @@ def _layer_stats(name, m, order, graph: Graph, acc: Accumulators, host) -> Layer
     if lay.fed_by is None and lay.index >= 0 and lay.kind == vocab.ATTENTION:
         lay.fed_by = "other"
     lay.is_output = name in graph.outputs
+    lay.residual = name in graph.residual_writers
+    lay.fed_from = sorted(s for s, t in graph.feeds.items() if t == name)
     lay.normalized = name in graph.normalized
     mo = _moments(host, "out", name)
     if mo.mean is not None and mo.n > 0:

@@ -14,7 +14,7 @@ from . import thresholds as T
 from ._version import __version__
 from .apply import apply_plan, restore, scale_layer, snapshot
 from .codes import SEVERITY_RANK
-from .depth import Trend, severity_for_ratio, tanh_depth, trends
+from .depth import Trend, residual_scales, severity_for_ratio, tanh_depth, trends
 from .plan import Prescription, make_plan
 from .probe import call_args, eager, examine
 from .rules import Context, Finding, FixOutcome, conclude, run_rules
@@ -89,11 +89,16 @@ def describe_input(x: Any) -> dict:
     return d
 
 
+def prescriber(stats: ModelStats) -> Prescriber:
+    """The cure as the rules quote it, for this model."""
+    return Prescriber(tanh_depth(stats), residual_scales(stats))
+
+
 def judge(stats: ModelStats, select: list[str] | None = None,
           ignore: list[str] | None = None) -> tuple[list[Finding], list[Trend]]:
     """The findings of one examination, and the depth trends they rest on (computed once)."""
     found = trends(stats)
-    return run_rules(stats, found, Prescriber(tanh_depth(stats)), select, ignore), found
+    return run_rules(stats, found, prescriber(stats), select, ignore), found
 
 
 def check(model: nn.Module, example_input: Any, loss_fn: Callable | None = None, seed: int = 0, *,
@@ -201,7 +206,7 @@ def fix(model: nn.Module, example_input: Any, loss_fn: Callable | None = None, s
         written = []
     else:
         plan = [replace(p, gain=p.gain * factors[p.layer]) if p.layer in factors else p for p in plan]
-    concluded = conclude(Context(after.stats, after.trends, Prescriber(tanh_depth(after.stats)), after.findings,
+    concluded = conclude(Context(after.stats, after.trends, prescriber(after.stats), after.findings,
                                  FixOutcome(cured, tuple(keep))), select, ignore)
     after = replace(after, findings=concluded, fix_log=log)
     return FixResult(replace(before, after=after, plan=plan), after, plan, written, cured, log)

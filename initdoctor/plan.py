@@ -7,9 +7,9 @@ import math
 from dataclasses import asdict, dataclass, replace
 
 from . import vocab
-from .depth import tanh_depth
+from .depth import residual_scales, tanh_depth
 from .rules import Finding, architectural
-from .schemes import centre_bias, recommend
+from .schemes import centre_bias, recommend, std_of
 from .stats import LayerStats, ModelStats
 from .vocab import FORCEABLE, SCHEMES
 
@@ -72,6 +72,52 @@ def _why_keep(lay: LayerStats, scheme: str, keep: tuple[str, ...], sick: bool, a
     return None
 
 
+_GENERIC_KEEP = ("kept: only the layers drawn far too large", "no curable finding")
+
+
+def _residual_scaled(stats: ModelStats, plan: list[Prescription]) -> list[Prescription]:
+    """Residual projections that are re-drawn keep the model's own 1/sqrt(N) of their branch: drawn at
+    that ratio of what their branch's input layers will have (as planned), so that the re-examination
+    recognises the scale again (depth.residual_scales) instead of re-drawing it at the textbook scale."""
+    scales = residual_scales(stats)
+    if not scales:
+        return plan
+    by_entry = {p.layer: p for p in plan}
+    out = []
+    for entry in plan:
+        rs = scales.get(entry.layer)
+        if rs is not None and rs.deliberate and not entry.apply and entry.reason.startswith(_GENERIC_KEEP):
+            entry = replace(entry, reason=(
+                f"kept: drawn at {rs.ratio:.3g} of its branch's input ({', '.join(rs.mates)}), the model's "
+                f"deliberate 1/sqrt(N) for N = {rs.residual_layers} residual layers"))
+        if rs is None or not entry.apply or entry.scheme not in ("xavier_uniform", "xavier_normal",
+                                                                  "kaiming_normal", "kaiming_uniform"):
+            out.append(entry)
+            continue
+        lay = stats.layer(entry.layer)
+        mates = [stats.layer(m) for m in rs.mates]
+        planned = [_planned_std(m, by_entry.get(m.name)) for m in mates]
+        if rs.per_fan:
+            target = rs.ratio * sum(s * math.sqrt(m.fan_in) for s, m in zip(planned, mates)) / len(mates) \
+                / math.sqrt(lay.fan_in)
+        else:
+            target = rs.ratio * sum(planned) / len(planned)
+        unit = std_of(entry.scheme, 1.0, *(entry.fans or (lay.fan_in, lay.fan_out)))
+        how = "the model's own" if rs.deliberate else "as the model's other residual projections are"
+        out.append(replace(entry, gain=target / unit, reason=(
+            f"residual projection: drawn at {rs.ratio:.3g} of its branch's input "
+            f"{'(per sqrt(fan_in)) ' if rs.per_fan else ''}({', '.join(rs.mates)}), {how} 1/sqrt(N) for "
+            f"N = {rs.residual_layers} residual layers; {entry.reason}")))
+    return out
+
+
+def _planned_std(lay: LayerStats, entry: Prescription | None) -> float:
+    """The std a layer will have once the plan is applied."""
+    if entry is None or not entry.apply or entry.scheme in ("keep", "zeros", "ones"):
+        return lay.weight_std
+    return std_of(entry.scheme, entry.gain, *(entry.fans or (lay.fan_in, lay.fan_out)))
+
+
 def make_plan(stats: ModelStats, findings: list[Finding], keep: tuple[str, ...] = (),
               scheme: str | None = None) -> list[Prescription]:
     """One prescription per weight layer (and per norm layer that is off its identity).
@@ -105,6 +151,8 @@ def make_plan(stats: ModelStats, findings: list[Finding], keep: tuple[str, ...] 
             entry = replace(entry, scheme="keep", apply=False, reason=why_keep or entry.reason,
                             bias="keep" if lay.has_bias else "none")
         plan.append(entry)
+    if scheme is None:
+        plan = _residual_scaled(stats, plan)
     if sick:
         for name in stats.norms:
             if name in stats.trained_norms and scheme is None:  # a checkpoint's gains: DESIGN keeps them

@@ -183,6 +183,8 @@ class LayerStats:
     activation_module: str | None = None  # the activation's record name (see ActivationStats)
     fed_by: str | None = None  # the nonlinearity whose output feeds this layer, 'input' for the batch
     is_output: bool = False
+    residual: bool = False  # a skip connection adds its output into a stream (a block's last projection)
+    fed_from: list[str] = field(default_factory=list)  # the weight layers whose outputs reach it first
     normalized: bool = False  # a norm layer follows before the nonlinearity
     frozen: bool = False
     has_bias: bool = False

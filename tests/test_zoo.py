@@ -157,6 +157,65 @@ def test_unit_normal_mlp_weights_are_named_and_only_they_are_redrawn(name):
     assert changed and all(".mlp." in n for n in changed)  # attention and embeddings untouched
 
 
+def _std(model, name: str) -> float:
+    return float(model.get_submodule(name).weight.detach().std())
+
+
+def test_gpt2_residual_projections_are_recognised_from_their_branches():
+    """GPT-2 draws c_proj at 0.02/sqrt(2 n_layer): every block's last projection (its output is added into
+    the stream) sits at 1/sqrt(8) of the layer feeding its branch, N = 8 residual layers; no ID501 note."""
+    _need_transformers()
+    from initdoctor.depth import residual_scales
+
+    _, _, d = _check("gpt2")
+    scales = residual_scales(d.stats)
+    assert sorted(scales) == sorted(f"model.transformer.h.{i}.{p}.c_proj" for i in range(4) for p in ("attn", "mlp"))
+    for rs in scales.values():
+        assert rs.deliberate and rs.residual_layers == 8 and not rs.per_fan
+        assert rs.ratio == pytest.approx(8 ** -0.5, rel=0.03)  # measured 0.353-0.354
+    noted = [n for f in d.findings if f.code == "ID501" for n in f.layers]
+    assert not [n for n in noted if n.endswith("c_proj")]  # it noted them at 0.11x of Xavier before
+    # the control: LLaMA's o_proj/down_proj are drawn at its one std (ratio 1): not depth-scaled
+    _, _, ll = _check("llama")
+    assert not residual_scales(ll.stats)
+
+
+def test_fix_redraws_only_the_sick_mlp_and_keeps_the_residual_scale():
+    """gpt2_mlp_N01: c_fc and mlp.c_proj are N(0, 1). The plan re-draws them alone, mlp.c_proj at 1/sqrt(8)
+    of c_fc's new He std (0.088 -> 0.031, not Xavier's 0.0395), keeps attn.c_proj at 0.0071, and the
+    re-examination recognises both scales again."""
+    _need_transformers()
+    from initdoctor.depth import residual_scales
+
+    model, x = M.PROBLEMS["gpt2_mlp_N01"]()
+    attn = _std(model, "model.transformer.h.0.attn.c_proj")
+    r = initdoctor.fix(model, x)
+    assert r.cured and not r.after.codes()
+    assert _std(model, "model.transformer.h.0.attn.c_proj") == attn == pytest.approx(0.02 / 8 ** 0.5, rel=0.02)
+    fc, proj = _std(model, "model.transformer.h.0.mlp.c_fc"), _std(model, "model.transformer.h.0.mlp.c_proj")
+    assert fc == pytest.approx(2 ** 0.5 / 16, rel=0.05)
+    assert proj / fc == pytest.approx(8 ** -0.5, rel=0.05)
+    after = residual_scales(r.after.stats)
+    assert len(after) == 8 and all(rs.deliberate for rs in after.values())
+    assert not [n for f in r.after.findings if f.code == "ID501" for n in f.layers if n.endswith("c_proj")]
+
+
+def test_a_plan_that_redraws_everything_keeps_the_residual_ratio():
+    """gpt2_zero_qk is sick everywhere (ID103): every layer is re-drawn, the residual projections at
+    1/sqrt(8) of their branch's re-drawn input, and the fixed model's scales are recognised again."""
+    _need_transformers()
+    from initdoctor.depth import residual_scales
+
+    model, x = M.PROBLEMS["gpt2_zero_qk"]()
+    r = initdoctor.fix(model, x)
+    assert r.cured
+    attn = next(p for p in r.plan if p.layer == "model.transformer.h.0.attn.c_proj")
+    assert attn.apply and "residual projection" in attn.reason
+    ratio = _std(model, "model.transformer.h.0.attn.c_proj") / _std(model, "model.transformer.h.0.attn.c_attn")
+    assert ratio == pytest.approx(8 ** -0.5, rel=0.05)  # Xavier would make it 0.0625 / 0.044 = 1.4
+    assert len(residual_scales(r.after.stats)) == 8
+
+
 def test_spectral_norm_stack_is_named_as_the_cause():
     model, x = M.spectral_norm_mlp()
     r = initdoctor.fix(model, x)
