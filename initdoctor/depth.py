@@ -193,3 +193,13 @@ def residual_scales(stats: ModelStats) -> dict[str, ResidualScale]:
             if lay.name not in out and ms:
                 out[lay.name] = ResidualScale(1 / math.sqrt(n), n, found[0], tuple(m.name for m in ms), False)
     return out
+
+
+def own_std(stats: ModelStats) -> float | None:
+    """The std the model draws its weight layers at (the median over those that ran), leaving out what
+    is drawn by another rule: embeddings, residual projections, tied and parametrized weights. GPT-2,
+    BERT and LLaMA: 0.02 (their `initializer_range`)."""
+    stds = sorted(lay.weight_std for lay in stats.ran()
+                  if lay.weight_std and lay.kind != vocab.EMBEDDING and not lay.residual and not lay.tied
+                  and not lay.parametrization)
+    return stds[len(stds) // 2] if stds else None

@@ -15,8 +15,9 @@ from ._version import __version__
 from .apply import apply_plan, restore, scale_layer, snapshot
 from .codes import SEVERITY_RANK
 from .depth import Trend, residual_scales, severity_for_ratio, tanh_depth, trends
+from .outputs import softmax_tails, with_output_softmax
 from .plan import Prescription, make_plan
-from .probe import call_args, eager, examine
+from .probe import call_args, cotangent_loss, eager, examine
 from .rules import Context, Finding, FixOutcome, conclude, run_rules
 from .schemes import Prescriber
 from .stats import LayerStats, ModelStats
@@ -110,10 +111,17 @@ def check(model: nn.Module, example_input: Any, loss_fn: Callable | None = None,
     `histogram_values` keeps that many values of each layer's weights and outputs for histograms.
     """
     model = eager(model)
+    observed: dict = {}
+
+    def loss(output: Any, batch: Any) -> Any:  # the probe's loss, seeing the output as logits first
+        observed.update(softmax_tails(output))
+        return loss_fn(output, batch) if loss_fn is not None else cotangent_loss(output, seed)
+
     try:
-        stats = examine(model, example_input, loss_fn, seed, histogram_values)
+        stats = examine(model, example_input, loss, seed, histogram_values)
     except Exception as e:  # the user's model raised: say where, keep the cause
         raise ProbeError(f"the model's forward or backward pass raised {type(e).__name__}: {e}") from e
+    stats = with_output_softmax(stats, observed)
     findings, found = judge(stats, select, ignore)
     plan = make_plan(stats, findings, keep, scheme)
     return Diagnosis(stats, findings, plan, target, {**describe_input(example_input), "inferred": inferred},

@@ -118,6 +118,18 @@ def _planned_std(lay: LayerStats, entry: Prescription | None) -> float:
     return std_of(entry.scheme, entry.gain, *(entry.fans or (lay.fan_in, lay.fan_out)))
 
 
+def _redrawn_embedding(emb: LayerStats, std: float, entry: Prescription) -> Prescription:
+    """An embedding a finding names as the cause, re-drawn N(0, std^2) (xavier_normal, its gain from the
+    fans torch reads off the (rows, dim) table); a head tied to it is drawn with it, once."""
+    rows, dim = emb.weight_shape[0], emb.weight_shape[-1]
+    gain = std / std_of("xavier_normal", 1.0, dim, rows)
+    why = (f"named by ID301 as the cause of a tied head's pinned softmax: drawn at std {emb.weight_std:.2g}, "
+           f"re-drawn N(0, {std:.2g}^2) at the model's own scale (embeddings added into one stream keep their "
+           f"shares)" if entry.layer == emb.name else f"tied to {emb.name}, which is re-drawn (it is drawn once)")
+    return replace(entry, scheme="xavier_normal", gain=gain, mode="fan_in", apply=True, reason=why,
+                   bias="keep" if entry.bias != "none" else "none", transposed=False, fans=None)
+
+
 def make_plan(stats: ModelStats, findings: list[Finding], keep: tuple[str, ...] = (),
               scheme: str | None = None) -> list[Prescription]:
     """One prescription per weight layer (and per norm layer that is off its identity).
@@ -127,11 +139,13 @@ def make_plan(stats: ModelStats, findings: list[Finding], keep: tuple[str, ...] 
     """
     if scheme is not None and scheme not in FORCEABLE:
         raise ValueError(f"unknown scheme {scheme!r}; choose one of {', '.join(FORCEABLE)}")
-    cure = [f for f in findings if f.fired and f.code.startswith(CURABLE)]
+    # embeddings a finding names as its cause (a tied head's pinned softmax, ID301): name -> std to draw
+    redraw = {n: std for f in findings if f.fired for n, std in f.evidence.get("redraw", {}).items()}
+    cure = [f for f in findings if f.fired and f.code.startswith(CURABLE) and not f.evidence.get("redraw")]
     arch = architectural(findings)
     sick = bool(cure) and len(arch) < len(cure)
     # weights drawn far too large, and nothing else: re-draw those layers alone, keep the rest
-    local = {n for f in findings if f.fired and f.code in LOCAL for n in f.layers}
+    local = {n for f in findings if f.fired and f.code in LOCAL for n in f.layers} | set(redraw)
     only = local if not sick and local else None
     depth = tanh_depth(stats)
     plan: list[Prescription] = []
@@ -150,6 +164,9 @@ def make_plan(stats: ModelStats, findings: list[Finding], keep: tuple[str, ...] 
         if why_keep is not None:
             entry = replace(entry, scheme="keep", apply=False, reason=why_keep or entry.reason,
                             bias="keep" if lay.has_bias else "none")
+        cause = lay.name if lay.name in redraw else lay.tied_embedding if lay.tied_embedding in redraw else None
+        if cause and not lay.frozen and not any(fnmatch.fnmatchcase(lay.name, pat) for pat in keep):
+            entry = _redrawn_embedding(stats.layer(cause), redraw[cause], entry)
         plan.append(entry)
     if scheme is None:
         plan = _residual_scaled(stats, plan)

@@ -41,6 +41,9 @@ def test_transformers_models_are_silent_at_default_init(name):
     _, _, d = _check(name)
     assert d.codes() == set(), [(f.code, f.message[:120]) for f in d.problems()]
     assert not [f for f in d.findings if f.code in ("ID902", "ID302", "ID901")]  # pow, gelu_new's tanh, tied alias
+    # a head tied to the embedding is read as logits; its softmax starts far from one class (max p <= 0.2)
+    softmax = [a for a in d.stats.activations if a.kind == "softmax"]
+    assert len(softmax) == (name != "llama") and all(a.saturated == 0 for a in softmax)
 
 
 def test_gpt2_conv1d_is_read_in_its_own_layout():
@@ -214,6 +217,56 @@ def test_a_plan_that_redraws_everything_keeps_the_residual_ratio():
     ratio = _std(model, "model.transformer.h.0.attn.c_proj") / _std(model, "model.transformer.h.0.attn.c_attn")
     assert ratio == pytest.approx(8 ** -0.5, rel=0.05)  # Xavier would make it 0.0625 / 0.044 = 1.4
     assert len(residual_scales(r.after.stats)) == 8
+
+
+def _cross_entropy_at_init(model, x) -> float:
+    """The loss a language model starts training with (random next tokens): log(512) = 6.24 when its
+    softmax starts near uniform."""
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        logits = model(x)
+    y = torch.randint(0, M.VOCAB, x.shape, generator=g)
+    return float(torch.nn.functional.cross_entropy(logits.reshape(-1, M.VOCAB), y.reshape(-1)))
+
+
+def test_tied_embedding_10x_pins_the_softmax_and_fix_redraws_it():
+    """GPT-2 with its (tied) embeddings at std 0.2: the head scores each position's own token with a logit
+    that grows with the square of the embedding's scale, so the softmax starts pinned (initial loss 33 vs
+    log(512) = 6.24). Measured with AdamW lr 1e-3 on a previous-token task, seeds 0-2: the eval loss after
+    60 steps stays at 6.35-6.38 (default init: 1.16-1.30), so it cannot start learning: an error. The
+    cause is the embedding's scale (10x the 0.02 the model draws its other layers at): `fix` re-draws the
+    embeddings alone at 0.02 and the loss starts at log(512) again (the same runs after `fix`: 1.20-1.40)."""
+    _need_transformers()
+    model, x = M.PROBLEMS["gpt2_embed10x"]()
+    assert _cross_entropy_at_init(model, x) > 20  # measured 33
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    r = initdoctor.fix(model, x)
+    (f,) = [f for f in r.before.problems() if f.code == "ID301"]
+    assert f.severity == "error" and f.layers == ["model.lm_head"]
+    assert f.evidence["saturated"]["model.lm_head:softmax"] > 0.99 and f.evidence["embedding"].endswith("wte")
+    assert f.evidence["embedding_std"] / f.evidence["own_std"] == pytest.approx(10, rel=0.05)
+    assert "model.transformer.wte" in f.message and "embedding" in f.message
+    assert r.cured and not r.after.codes()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == {"model.transformer.wte.weight", "model.transformer.wpe.weight"}
+    assert float(model.model.transformer.wte.weight.detach().std()) == pytest.approx(0.02, rel=0.05)
+    assert _cross_entropy_at_init(model, x) < 7  # log(512) = 6.24
+
+
+def test_untied_embedding_10x_is_harmless_at_init():
+    """LLaMA (untied head, RMSNorm before every block and before the head) with its embedding at std 0.2:
+    the stream starts at RMS 0.2 instead of 0.02, which every norm undoes; the logits are the default's.
+    Measured with AdamW lr 1e-3, seeds 0-2, 120 steps: previous-token task eval loss 0.058-0.066 (default
+    0.052-0.059), induction task 1.84-2.38 (default 4.29-5.74): no worse. So no warning is raised."""
+    _need_transformers()
+    model, x = M.PROBLEMS["llama_embed10x"]()
+    _, _, d = _check("llama_embed10x")
+    default, dx, dd = _check("llama")
+    assert d.codes() == set()
+    head, head0 = d.stats.layer("model.lm_head"), dd.stats.layer("model.lm_head")
+    assert head.q == pytest.approx(head0.q, rel=0.05)  # the final norm undoes the embedding's scale
+    assert abs(_cross_entropy_at_init(model, x) - _cross_entropy_at_init(default, dx)) < 0.05
+    assert not [a for a in d.stats.activations if a.kind == "softmax"]  # no tied head: not read as logits
 
 
 def test_spectral_norm_stack_is_named_as_the_cause():
