@@ -32,6 +32,7 @@ from .weights import (
     NORM_MODULES,
     fans,
     kind,
+    layout_known,
     local,
     main_weight,
     parametrization,
@@ -536,8 +537,10 @@ def _symmetry(stats: list[LayerStats], layers: dict[str, nn.Module], grads: dict
 def _layer_stats(name, m, order, graph: Graph, acc: Accumulators, host) -> LayerStats:
     w = main_weight(m)
     params = [p for p in m._parameters.values() if p is not None]
-    transposed = name in graph.transposed
-    fi, fo = fans(m, transposed)
+    transposed: bool | None = name in graph.transposed
+    fi, fo = fans(m, bool(transposed))
+    if name not in order and not layout_known(m):  # never ran: (out, in) or (in, out) was not observed
+        transposed = fi = fo = None
     lay = LayerStats(name=name, type=type(m).__name__, kind=kind(m), index=order.get(name, -1),
                      transposed=transposed, parametrization=parametrization(m),
                      calls=acc.calls.get(name, 0),
@@ -570,6 +573,8 @@ def _layer_stats(name, m, order, graph: Graph, acc: Accumulators, host) -> Layer
     if lay.fed_by is None and lay.index >= 0 and lay.kind == vocab.ATTENTION:
         lay.fed_by = "other"
     lay.is_output = name in graph.outputs
+    lay.residual = name in graph.residual_writers
+    lay.fed_from = sorted(s for s, t in graph.feeds.items() if t == name)
     lay.normalized = name in graph.normalized
     mo = _moments(host, "out", name)
     if mo.mean is not None and mo.n > 0:

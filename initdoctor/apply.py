@@ -6,6 +6,8 @@ parameter: dtype, device, parameter identity and weight tying are kept, the glob
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -112,6 +114,10 @@ def apply_plan(model: nn.Module, plan: list[Prescription], seed: int = 0) -> lis
                 drawn = _draw(torch.Size((w.shape[1], w.shape[0])), entry.scheme, entry.gain, entry.mode, gen).T
             else:
                 drawn = _draw(w.shape, entry.scheme, entry.gain, entry.mode, gen)
+                if entry.fans is not None and entry.scheme.startswith("xavier"):
+                    # torch.nn.init read the fans off the tensor; the plan's are the convolution's own
+                    fan_in, fan_out = nn.init._calculate_fan_in_and_fan_out(drawn)
+                    drawn.mul_(math.sqrt((fan_in + fan_out) / sum(entry.fans)))
             write(entry.layer, "weight", w, drawn)
             b = params.get("bias")
             if b is not None and entry.bias in ("zeros", "centred"):

@@ -125,3 +125,81 @@ def severity_for_ratio(ratio: float, warn: float, error: float, low: bool) -> st
 def tanh_depth(stats: ModelStats) -> int:
     """How many tanh-like nonlinearities the signal passes (5/3 turns chaotic deep: schemes.deep_tanh_gain)."""
     return sum(1 for a in stats.activations if a.kind in vocab.TANH_LIKE)
+
+
+@dataclass(frozen=True)
+class ResidualScale:
+    """A residual projection's scale relative to the layers that feed its branch.
+
+    GPT-2 (and nanoGPT, Megatron) draw every weight at one std and the layers whose output a skip
+    connection adds into the stream at that std / sqrt(N), N the number of such residual layers, so
+    the stream's variance does not grow with depth (GPT-2 paper, 2.3). Recognised when every member
+    of a homologous group of residual projections sits at 1/sqrt(N) of its branch's input layers, by
+    std (`per_fan` False) or by std * sqrt(fan_in) (True), and not merely because its fan is larger.
+    """
+
+    ratio: float  # its std / its branch inputs' std (both times sqrt(fan_in) when per_fan)
+    residual_layers: int  # N
+    per_fan: bool
+    mates: tuple[str, ...]  # the branch's input layers it is compared with
+    deliberate: bool  # True: measured so on this layer's group; False: the factor its peers show
+
+
+def residual_scales(stats: ModelStats) -> dict[str, ResidualScale]:
+    """Residual projections drawn at 1/sqrt(N) of their branches (and, once a model shows it, the
+    factor for its other residual projections, should they be re-drawn)."""
+    writers = [lay for lay in stats.ran() if lay.residual and lay.kind != vocab.EMBEDDING and lay.weight_std]
+    n = len(writers)
+    if n < 2:
+        return {}
+    by_name = {lay.name: lay for lay in stats.layers}
+
+    def mates(lay: LayerStats) -> list[LayerStats]:
+        return [m for m in (by_name.get(f) for f in lay.fed_from)
+                if m is not None and not m.residual and m.kind != vocab.EMBEDDING and m.weight_std and m.fan_in]
+
+    def near(x: float, target: float) -> bool:
+        return 1 / T.RESIDUAL_VAR_TOL <= x * x / target <= T.RESIDUAL_VAR_TOL
+
+    groups: dict[tuple, list[LayerStats]] = {}
+    for lay in writers:
+        groups.setdefault(group_key(lay), []).append(lay)
+    out: dict[str, ResidualScale] = {}
+    found: list[bool] = []
+    for group in groups.values():
+        rows = []
+        for lay in group:
+            ms = mates(lay)
+            if not ms or not lay.fan_in:
+                break
+            raw = lay.weight_std / (sum(m.weight_std for m in ms) / len(ms))
+            fan = raw * math.sqrt(lay.fan_in / (sum(m.fan_in for m in ms) / len(ms)))
+            rows.append((lay, raw, fan, tuple(m.name for m in ms)))
+        if len(rows) < T.MIN_GROUP or len(rows) < len(group):
+            continue
+        # by std first (one std for every weight, as GPT-2 draws), unless the fan alone explains it
+        if all(near(r, 1 / n) for _, r, _, _ in rows) and not all(near(f, 1.0) for _, _, f, _ in rows):
+            per_fan = False
+        elif all(near(f, 1 / n) for _, _, f, _ in rows):
+            per_fan = True
+        else:
+            continue
+        found.append(per_fan)
+        for lay, raw, fan, names in rows:
+            out[lay.name] = ResidualScale(fan if per_fan else raw, n, per_fan, names, True)
+    if found:
+        for lay in writers:
+            ms = mates(lay)
+            if lay.name not in out and ms:
+                out[lay.name] = ResidualScale(1 / math.sqrt(n), n, found[0], tuple(m.name for m in ms), False)
+    return out
+
+
+def own_std(stats: ModelStats) -> float | None:
+    """The std the model draws its weight layers at (the median over those that ran), leaving out what
+    is drawn by another rule: embeddings, residual projections, tied and parametrized weights. GPT-2,
+    BERT and LLaMA: 0.02 (their `initializer_range`)."""
+    stds = sorted(lay.weight_std for lay in stats.ran()
+                  if lay.weight_std and lay.kind != vocab.EMBEDDING and not lay.residual and not lay.tied
+                  and not lay.parametrization)
+    return stds[len(stds) // 2] if stds else None

@@ -14,9 +14,10 @@ from . import thresholds as T
 from ._version import __version__
 from .apply import apply_plan, restore, scale_layer, snapshot
 from .codes import SEVERITY_RANK
-from .depth import Trend, severity_for_ratio, tanh_depth, trends
+from .depth import Trend, residual_scales, severity_for_ratio, tanh_depth, trends
+from .outputs import softmax_tails, with_output_softmax
 from .plan import Prescription, make_plan
-from .probe import call_args, eager, examine
+from .probe import call_args, cotangent_loss, eager, examine
 from .rules import Context, Finding, FixOutcome, conclude, run_rules
 from .schemes import Prescriber
 from .stats import LayerStats, ModelStats
@@ -89,11 +90,16 @@ def describe_input(x: Any) -> dict:
     return d
 
 
+def prescriber(stats: ModelStats) -> Prescriber:
+    """The cure as the rules quote it, for this model."""
+    return Prescriber(tanh_depth(stats), residual_scales(stats))
+
+
 def judge(stats: ModelStats, select: list[str] | None = None,
           ignore: list[str] | None = None) -> tuple[list[Finding], list[Trend]]:
     """The findings of one examination, and the depth trends they rest on (computed once)."""
     found = trends(stats)
-    return run_rules(stats, found, Prescriber(tanh_depth(stats)), select, ignore), found
+    return run_rules(stats, found, prescriber(stats), select, ignore), found
 
 
 def check(model: nn.Module, example_input: Any, loss_fn: Callable | None = None, seed: int = 0, *,
@@ -105,10 +111,17 @@ def check(model: nn.Module, example_input: Any, loss_fn: Callable | None = None,
     `histogram_values` keeps that many values of each layer's weights and outputs for histograms.
     """
     model = eager(model)
+    observed: dict = {}
+
+    def loss(output: Any, batch: Any) -> Any:  # the probe's loss, seeing the output as logits first
+        observed.update(softmax_tails(output))
+        return loss_fn(output, batch) if loss_fn is not None else cotangent_loss(output, seed)
+
     try:
-        stats = examine(model, example_input, loss_fn, seed, histogram_values)
+        stats = examine(model, example_input, loss, seed, histogram_values)
     except Exception as e:  # the user's model raised: say where, keep the cause
         raise ProbeError(f"the model's forward or backward pass raised {type(e).__name__}: {e}") from e
+    stats = with_output_softmax(stats, observed)
     findings, found = judge(stats, select, ignore)
     plan = make_plan(stats, findings, keep, scheme)
     return Diagnosis(stats, findings, plan, target, {**describe_input(example_input), "inferred": inferred},
@@ -201,7 +214,7 @@ def fix(model: nn.Module, example_input: Any, loss_fn: Callable | None = None, s
         written = []
     else:
         plan = [replace(p, gain=p.gain * factors[p.layer]) if p.layer in factors else p for p in plan]
-    concluded = conclude(Context(after.stats, after.trends, Prescriber(tanh_depth(after.stats)), after.findings,
+    concluded = conclude(Context(after.stats, after.trends, prescriber(after.stats), after.findings,
                                  FixOutcome(cured, tuple(keep))), select, ignore)
     after = replace(after, findings=concluded, fix_log=log)
     return FixResult(replace(before, after=after, plan=plan), after, plan, written, cured, log)

@@ -165,6 +165,7 @@ class Graph:
         self.unknown: dict[str, str] = {}  # weight layer -> the unknown op its output goes into
         self.transposed: set[str] = set()  # weight layers whose weight the model multiplies from the right
         self.residual_adds = 0  # additions of two signals of the network (skip connections)
+        self.residual_writers: set[str] = set()  # weight layers whose output such an addition adds in
         self._record_layer: dict[str, str | None] = {}  # activation record -> the layer it follows
         self.feeds: dict[str, str] = {}  # weight layer -> the first weight layer its output reaches
         self.next_norm: dict[str, int] = {}  # weight layer -> the first stream norm its output reaches
@@ -276,6 +277,8 @@ class Graph:
                     other = self.lineage.get(args[1])
                     if (other[0] or other[1]) and isinstance(args[1], torch.Tensor) and args[1].shape == x.shape:
                         self.residual_adds += 1  # two signals of the network meet: a skip connection
+                        if srcs != other[0]:  # not x + c x^3 (GELU), q cos + rot(q) sin (RoPE)
+                            self.residual_writers.update(srcs ^ other[0])  # the stream's and the branch's
                 for t in args[1:]:
                     s2, a2 = self.lineage.get(t)
                     srcs |= s2

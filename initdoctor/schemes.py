@@ -110,9 +110,13 @@ def recommend(lay, tanh_depth: int = 0) -> tuple[str, float, str, str]:
     return "xavier_uniform", 1.0, mode, f"{where}: Xavier gain 1"
 
 
-def prescribed_std(lay, tanh_depth: int = 0) -> tuple[str, float] | None:
-    """(scheme, std) the prescription would draw this layer with; None where it keeps the layer."""
+def prescribed_std(lay, tanh_depth: int = 0, residual: dict | None = None) -> tuple[str, float] | None:
+    """(scheme, std) the prescription would draw this layer with; None where it keeps the layer or
+    where its scale is the model's deliberate choice (a residual projection at 1/sqrt(N) of its branch:
+    `residual`, from depth.residual_scales)."""
     if not (lay.weight_std and lay.fan_in and lay.fan_out) or lay.kind in (vocab.RECURRENT, vocab.ATTENTION):
+        return None
+    if residual and lay.name in residual and residual[lay.name].deliberate:
         return None
     scheme, g, _, _ = recommend(lay, tanh_depth)
     if scheme == "keep":
@@ -120,9 +124,9 @@ def prescribed_std(lay, tanh_depth: int = 0) -> tuple[str, float] | None:
     return scheme, std_of(scheme, g, lay.fan_in, lay.fan_out)
 
 
-def at_prescribed_scale(lay, tanh_depth: int = 0) -> bool:
+def at_prescribed_scale(lay, tanh_depth: int = 0, residual: dict | None = None) -> bool:
     """Whether the layer's weight variance is within PRESCRIBED_VAR_TOL of what the plan would draw."""
-    prescribed = prescribed_std(lay, tanh_depth)
+    prescribed = prescribed_std(lay, tanh_depth, residual)
     if prescribed is None or not prescribed[1]:
         return False
     ratio = (lay.weight_std / prescribed[1]) ** 2
@@ -138,19 +142,21 @@ def centre_bias(lay) -> bool:
 
 
 class Prescriber:
-    """The cure as the rules quote it, for one model (its tanh depth fixes the tanh gain)."""
+    """The cure as the rules quote it, for one model (its tanh depth fixes the tanh gain; its residual
+    projections drawn at 1/sqrt(N) of their branches, `depth.residual_scales`, are its own choice)."""
 
-    def __init__(self, tanh_depth: int = 0) -> None:
+    def __init__(self, tanh_depth: int = 0, residual: dict | None = None) -> None:
         self.tanh_depth = tanh_depth
+        self.residual = residual or {}
 
     def recommend(self, lay) -> tuple[str, float, str, str]:
         return recommend(lay, self.tanh_depth)
 
     def prescribed_std(self, lay) -> tuple[str, float] | None:
-        return prescribed_std(lay, self.tanh_depth)
+        return prescribed_std(lay, self.tanh_depth, self.residual)
 
     def at_prescribed_scale(self, lay) -> bool:
-        return at_prescribed_scale(lay, self.tanh_depth)
+        return at_prescribed_scale(lay, self.tanh_depth, self.residual)
 
     centre_bias = staticmethod(centre_bias)
     slope_factor = staticmethod(slope_factor)

@@ -232,7 +232,8 @@ class LayerStats:
     name: str
     type: str
     kind: str = "linear"  # vocab.KINDS: how the weight maps inputs to units
-    transposed: bool = False  # the weight is stored (in, out): the model computes x @ W (HF Conv1D)
+    transposed: bool | None = False  # the weight is stored (in, out): the model computes x @ W (HF Conv1D);
+    # None: the layout is unknown (not a torch layer, and it never ran), and so are its fans
     parametrization: str | None = None  # what computes the weight from its parameters (spectral_norm, ...)
     tied: list[str] = field(default_factory=list)  # other layers that use the same weight tensor
     tied_embedding: str | None = None  # an embedding among them: the weight's scale is the embedding's
@@ -246,6 +247,8 @@ class LayerStats:
     activation_module: str | None = None  # the activation's record name (see ActivationStats)
     fed_by: str | None = None  # the nonlinearity whose output feeds this layer, 'input' for the batch
     is_output: bool = False
+    residual: bool = False  # a skip connection adds its output into a stream (a block's last projection)
+    fed_from: list[str] = field(default_factory=list)  # the weight layers whose outputs reach it first
     normalized: bool = False  # a norm layer follows before the nonlinearity
     frozen: bool = False
     has_bias: bool = False

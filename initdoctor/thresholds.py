@@ -78,6 +78,13 @@ SCALE_WARN = 10.0
 # scale" (Xavier on a ReLU layer is half of He's variance: outside; sampling noise: far inside).
 PRESCRIBED_VAR_TOL = 1.25
 
+# Residual projections drawn at 1/sqrt(N) of their branch's input layers (GPT-2's c_proj at
+# 0.02/sqrt(2 n_layer)): recognised when std^2 * N / (the branch inputs' std^2) is within this factor
+# of 1 for every block. GPT-2 measures 0.99-1.01 (sampling noise); the nearest other convention,
+# 1/sqrt(n_layer), is a factor 2 away, and so is an MLP's output projection under PyTorch's default
+# (fan 4d against d), which is told apart by its fan anyway.
+RESIDUAL_VAR_TOL = 1.25
+
 # --- prescription (plan/apply) --------------------------------------------------------------
 # tanh with gain 5/3 turns chaotic with depth (gradients grow 28x at 20 layers, 139x at 30).
 TANH_DEEP = 20

@@ -19,6 +19,9 @@ FORCEABLE = ("xavier_uniform", "xavier_normal", "kaiming_uniform", "kaiming_norm
 RECTIFIERS = frozenset({"relu", "leaky_relu", "gelu", "silu", "elu", "softplus"})  # He init
 TANH_LIKE = frozenset({"tanh", "hardtanh", "softsign"})  # Xavier with tanh's gain
 SATURATING = frozenset({"sigmoid"}) | TANH_LIKE  # flat tails: saturation and the linear regime
+# The softmax a classifier's logits go into (measured at an output layer tied to the input embedding,
+# whose outputs score the input's own tokens): saturated when one class takes nearly all probability.
+SOFTMAX = "softmax"
 DYING = frozenset({"relu", "gelu", "silu"})  # units can output <= 0 for every example
 ZERO_GRADIENT = frozenset({"relu"})  # ... and then get no gradient (GELU and SiLU still have a slope)
 

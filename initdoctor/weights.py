@@ -128,7 +128,33 @@ def fans(m: nn.Module, transposed: bool = False) -> tuple[int | None, int | None
     fi, fo = nn.init._calculate_fan_in_and_fan_out(w)
     if isinstance(m, nn.modules.conv._ConvTransposeNd) or transposed:
         fi, fo = fo, fi
+    elif isinstance(m, nn.modules.conv._ConvNd):
+        fo = conv_fan_out(m)
     return fi, fo
+
+
+def conv_fan_out(m: nn.modules.conv._ConvNd) -> int | float:
+    """How many outputs each input element of a convolution reaches: (out / groups) * prod(k_i / s_i).
+
+    torch counts out * prod(k_i), true at stride 1 with one group. At stride s each input position is
+    covered by k/s kernel positions per dimension on average (exactly 1 where stride = kernel, as in a
+    ViT's patchify conv: 768x3x16x16 at stride 16 reaches 768 outputs, not 196608), and it reaches only
+    the out / groups channels of its own group. Borders aside, the variance of the gradient that reaches
+    the input is this times Var(W) times that of the output's gradient (tests/test_weights.py measures it).
+    """
+    k = math.prod(m.kernel_size)
+    s = math.prod(m.stride)
+    fo = m.out_channels // m.groups * k
+    return fo // s if fo % s == 0 else fo / s
+
+
+def layout_known(m: nn.Module) -> bool:
+    """Whether torch defines how the layer's weight maps inputs to units (its own weight layers), so
+    that its fans can be read off the tensor without watching the layer run. Any other module's 2-D
+    weight may be used as F.linear(x, W) (out, in) or as x @ W (in, out), as Hugging Face's Conv1D
+    does: only the operation tells (lineage.Graph.transposed)."""
+    return isinstance(m, (nn.Linear, nn.Bilinear, nn.modules.conv._ConvNd, nn.Embedding, nn.EmbeddingBag,
+                          nn.RNNBase, nn.MultiheadAttention))
 
 
 def sharded(t: Any) -> bool:

@@ -52,6 +52,61 @@ def test_conv1d_is_fixed_in_its_own_layout():
     assert (m[0].weight.shape, m[-1].weight.shape) == ((64, 64), (64, 10))
 
 
+class WithIdleHead(nn.Module):
+    """An exploding Conv1D stack, and a second (in, out) head that this forward never calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(*[x for _ in range(8) for x in (Conv1D(64, 64), nn.ReLU())])
+        self.head = Conv1D(10, 64)
+        self.idle = Conv1D(10, 64)  # (in=64, out=10) stored (64, 10): torch would read fan_in 10
+        self.idle_linear = nn.Linear(64, 10)  # torch defines this one's layout
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+def test_a_layer_whose_layout_was_never_observed_is_not_redrawn():
+    """A non-torch weight that never ran may be (out, in) or (in, out): no fans are guessed, the plan
+    keeps it and ID901 says why; a torch layer that never ran keeps torch's fans."""
+    torch.manual_seed(0)
+    m = WithIdleHead()
+    with torch.no_grad():
+        for layer in m.body[::2]:
+            layer.weight.normal_(0, 1.0)
+    before = m.idle.weight.detach().clone()
+    r = initdoctor.fix(m, torch.randn(64, 64))
+    assert r.cured and "ID202" in r.before.codes()
+    idle = r.before.stats.layer("idle")
+    assert (idle.fan_in, idle.fan_out, idle.transposed) == (None, None, None)
+    assert r.before.stats.layer("idle_linear").fan_in == 64
+    (entry,) = [p for p in r.plan if p.layer == "idle"]
+    assert not entry.apply and "(in, out)" in entry.reason
+    assert torch.equal(m.idle.weight, before)
+    (note,) = [f for f in r.before.findings if f.code == "ID901"]
+    assert note.evidence["unknown_layout"] == ["idle"]
+
+
+def test_patchify_conv_is_drawn_at_its_own_fan_out():
+    """A stride = kernel conv with nothing after it: Xavier from fan_in 48 and fan_out 8 (8 outputs per
+    input element), not torch's 8 * 16 = 128; the plan draws it so, and its re-examination agrees."""
+    torch.manual_seed(0)
+    patch = nn.Conv2d(3, 8, 4, stride=4)
+    m = nn.Sequential(patch, nn.Flatten(), *[x for _ in range(6) for x in (nn.Linear(128, 128), nn.ReLU())],
+                      nn.Linear(128, 10))
+    with torch.no_grad():
+        for layer in m[2:-1:2]:
+            layer.weight.normal_(0, 1.0)
+    r = initdoctor.fix(m, torch.randn(32, 3, 16, 16))
+    assert r.cured
+    lay = r.before.stats.layer("0")
+    assert (lay.fan_in, lay.fan_out) == (48, 8)
+    (entry,) = [p for p in r.plan if p.layer == "0"]
+    assert entry.scheme == "xavier_uniform" and entry.fans == (48, 8)
+    assert float(patch.weight.detach().std()) == pytest.approx((2 / (48 + 8)) ** 0.5, rel=0.1)  # 0.19, torch's 0.11
+    assert not [f for f in r.after.findings if f.code == "ID501" and "0" in f.layers]
+
+
 class WindowAttention(nn.Module):
     """torchvision's Swin attention calls F.linear with its layers' weights."""
 

@@ -14,6 +14,7 @@ import initdoctor
 from initdoctor import thresholds as T
 from initdoctor.codes import CODES
 from initdoctor.diagnosis import judge
+from initdoctor.plan import make_plan
 from initdoctor.rules import RULES, Finding
 from initdoctor.stats import ActivationStats, LayerStats, ModelStats, SymmetryStats
 from initdoctor.weights import duplicate_groups
@@ -228,6 +229,37 @@ def test_saturation_worst_layer_decides_severity():
     assert f.severity == "error"
     assert f.layers == ["0", "2"]
     assert f.evidence["saturated"] == {"1": 0.3, "3": 0.6}
+
+
+def _tied_lm(emb_std: float, pinned: float) -> ModelStats:
+    """An embedding (std `emb_std`) tied to an output head whose softmax has `pinned` share of positions
+    on one class; three blocks of layers drawn at 0.02."""
+    emb = LayerStats(name="emb", type="Embedding", kind="embedding", index=0, calls=1, weight_shape=[50, 8],
+                     fan_out=8, weight_std=emb_std, weight_rms=emb_std, residual=True, tied=["head"])
+    body = [layer(f"blocks.{i}.fc", i + 1, weight_rms=0.02) for i in range(3)]
+    head = layer("head", 4, shape=(50, 8), weight_rms=emb_std, activation="identity")
+    head.is_output, head.tied, head.tied_embedding = True, ["emb"], "emb"
+    soft = ActivationStats(name="head:softmax", kind="softmax", layer="head", module="head", index=5, calls=1,
+                           units=50, saturated=pinned, preact_std=3.0)
+    return ModelStats([emb, *body, head], [soft], [])
+
+
+@pytest.mark.parametrize("pinned, expected", [(0.0, None), (0.2, None), (0.21, "warning"), (0.51, "error")])
+def test_pinned_output_softmax_boundaries(pinned, expected):
+    assert sev(_tied_lm(0.2, pinned), "ID301") == expected
+
+
+def test_pinned_output_softmax_names_the_embedding_and_its_cure():
+    (f,) = findings_of(_tied_lm(0.2, 1.0), select=["ID301"])
+    assert f.layers == ["head"] and f.evidence["own_std"] == 0.02
+    assert f.evidence["redraw"] == {"emb": pytest.approx(0.02)}
+    plan = {p.layer: p for p in make_plan(_tied_lm(0.2, 1.0), [f])}
+    assert plan["emb"].apply and plan["emb"].scheme == "xavier_normal"
+    assert plan["head"].apply and "tied to emb" in plan["head"].reason
+    assert not any(plan[f"blocks.{i}.fc"].apply for i in range(3))  # only the cause is re-drawn
+    # an embedding at the model's own scale is not the cause: nothing to re-draw, and the text says so
+    (g,) = findings_of(_tied_lm(0.02, 1.0), select=["ID301"])
+    assert g.evidence["redraw"] == {} and "cannot cure" in g.message
 
 
 @pytest.mark.parametrize("d, expected", [(0.0, None), (0.45, None), (0.5, None), (0.51, "warning"),

@@ -104,3 +104,37 @@ def test_screened_symmetry_equals_one_by_one():
     slow = [symmetry_of(*it) for it in items]
     assert fast == slow
     assert fast[1].frozen_groups == [[0, 3]] and fast[4].duplicate_groups == [[5, 7]] and fast[2].constant
+
+
+@pytest.mark.parametrize("cin, cout, k, s, groups", [
+    (3, 64, 8, 8, 1),  # patchify (stride = kernel): each input reaches 64 outputs, torch says 4096
+    (16, 32, 3, 2, 1),  # overlapping stride 2: 32 * 9 / 4 on average over positions
+    (16, 32, 3, 1, 1),  # stride 1: torch's count is right
+    (8, 16, 4, 2, 1),
+    (32, 32, 3, 1, 32),  # depthwise: an input reaches only its own channel's 9 outputs
+])
+def test_conv_fan_out_is_what_the_backward_pass_measures(cin, cout, k, s, groups):
+    """Var(dL/dx) = fan_out * Var(W) * Var(dL/dy) away from the borders, with fan_out = out/groups * prod(k/s)."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(cin, cout, k, stride=s, groups=groups, bias=False)
+    x = torch.zeros(8, cin, 16 * s + k, 16 * s + k, requires_grad=True)
+    y = conv(x)
+    y.backward(torch.randn_like(y))
+    inner = x.grad[:, :, k:-k, k:-k]  # every position here is covered as often as on average
+    measured = float(inner.square().mean() / conv.weight.detach().square().mean())
+    fan_in, fan_out = fans(conv)
+    assert fan_in == cin // groups * k * k
+    assert measured == pytest.approx(fan_out, rel=0.05)
+    torch_fan_out = nn.init._calculate_fan_in_and_fan_out(conv.weight)[1]
+    assert torch_fan_out == cout * k * k  # what torch.nn.init would use: off by groups * s^2
+
+
+def test_vit_b16_patchify_fans():
+    """ViT-B/16's 768x3x16x16 stride-16 conv: Xavier std 0.036 from its own fans, not torch's 0.0032."""
+    from initdoctor.schemes import std_of
+
+    conv = nn.Conv2d(3, 768, 16, stride=16)
+    assert fans(conv) == (768, 768)
+    assert std_of("xavier_uniform", 1.0, *fans(conv)) == pytest.approx(0.0361, abs=1e-4)
+    fi, fo = nn.init._calculate_fan_in_and_fan_out(conv.weight)
+    assert std_of("xavier_uniform", 1.0, fi, fo) == pytest.approx(0.0032, abs=1e-4)

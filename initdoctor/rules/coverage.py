@@ -20,8 +20,14 @@ class LayerNotRun(Rule):
         idle = [lay.name for lay in stats.layers if lay.index < 0 and not ran.intersection(lay.tied)]
         if not idle:
             return []
-        return [self.finding("info", idle, f"{len(idle)} layer(s) with weights never ran in the probe pass "
-                             f"(first: {idle[0]}); only their weights were examined.")]
+        text = (f"{len(idle)} layer(s) with weights never ran in the probe pass (first: {idle[0]}); only their "
+                f"weights were examined.")
+        unknown = [lay.name for lay in stats.layers if lay.name in idle and lay.transposed is None]
+        if unknown:
+            text += (f" {len(unknown)} of them ({unknown[0]}{', ...' if len(unknown) > 1 else ''}) are not torch "
+                     f"layers: their weight may be used as F.linear(x, W) or as x @ W, which only a run shows, so "
+                     f"their fans are unknown and the plan leaves them as they are.")
+        return [self.finding("info", idle, text, unknown_layout=unknown)]
 
 
 @register

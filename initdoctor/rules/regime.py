@@ -6,7 +6,7 @@ import math
 
 from .. import thresholds as T
 from .. import vocab
-from ..depth import severity_for_ratio
+from ..depth import own_std, severity_for_ratio
 from . import Context, Finding, Rule, init_call, register
 
 
@@ -32,15 +32,16 @@ class SaturatedActivations(Rule):
         stats = ctx.stats
         hits = []
         for a in stats.activations:
-            if a.saturated is None:
+            if a.saturated is None or a.kind == vocab.SOFTMAX:
                 continue
             s, u = a.saturated, a.saturated_units or 0.0
             if s > T.SAT_SHARE_ERROR or u > T.SAT_UNITS_ERROR:
                 hits.append(("error", a, s, u))
             elif s > T.SAT_SHARE_WARN or u > T.SAT_UNITS_WARN:
                 hits.append(("warning", a, s, u))
+        pinned = [f for a in stats.activations if a.kind == vocab.SOFTMAX for f in self._pinned(ctx, a)]
         if not hits:
-            return []
+            return pinned
         worst = max(hits, key=lambda h: h[2])
         _, a, s, u = worst
         names = _module_paths(hits)
@@ -50,7 +51,41 @@ class SaturatedActivations(Rule):
             f"and {u:.0%} of units are saturated, so their gradients are near zero. The weights are too large "
             f"for their fan; use Xavier's scale (see the plan).",
             saturated={h[1].name: round(h[2], 4) for h in hits},
-            saturated_units={h[1].name: round(h[3], 4) for h in hits})]
+            saturated_units={h[1].name: round(h[3], 4) for h in hits})] + pinned
+
+    def _pinned(self, ctx: Context, a) -> list[Finding]:
+        """The softmax over a tied head's logits, pinned on one class at init: the cause is the embedding's
+        scale (a position's logit for its own token grows with its square), the cure re-drawing it."""
+        s = a.saturated
+        sev = "error" if s > T.SAT_SHARE_ERROR else "warning" if s > T.SAT_SHARE_WARN else None
+        if sev is None:
+            return []
+        stats = ctx.stats
+        head = stats.layer(a.layer)
+        emb = stats.layer(head.tied_embedding)
+        text = (f"the softmax over {head.name}'s {a.units} logits starts pinned: {s:.0%} of positions put more "
+                f"than {T.SIGMOID_HI:.0%} of their probability on one class (logits std {a.preact_std:.2g}), so the "
+                f"initial cross-entropy is far above log({a.units}) = {math.log(a.units):.3g} and the first "
+                f"updates go to undoing that confidence. {head.name} is tied to the embedding {emb.name}, drawn at "
+                f"std {emb.weight_std:.2g}")
+        own = own_std(stats)
+        redraw: dict[str, float] = {}
+        if own and emb.weight_std and emb.weight_std > own:
+            c = own / emb.weight_std
+            # every embedding added into the same stream keeps its share of it (token vs position)
+            stream = [lay for lay in stats.layers if lay.kind == vocab.EMBEDDING and lay.weight_std and
+                      (lay.residual or lay.name == emb.name)]
+            redraw = {lay.name: lay.weight_std * c for lay in stream}
+            text += (f", {1 / c:.3g}x the std the model draws its other weight layers at ({own:.2g}): a position's "
+                     f"logit for its own input token grows with the square of that scale. Re-draw the embeddings "
+                     f"at the model's own scale ({', '.join(f'{n} at std {v:.2g}' for n, v in redraw.items())}; "
+                     f"the plan does).")
+        else:
+            text += (": the logits' scale comes from the stream the head reads, not from the embedding's draw; "
+                     "initialization of the embedding alone cannot cure it.")
+        return [self.finding(sev, [head.name], text, saturated={a.name: round(s, 4)}, logits_std=a.preact_std,
+                             classes=a.units, embedding=emb.name, embedding_std=emb.weight_std, own_std=own,
+                             redraw=redraw)]
 
 
 def _fired_collapse_or_vanishing(ctx: Context) -> bool:
