@@ -30,6 +30,7 @@ from .stats import (
 )
 from .weights import (
     NORM_MODULES,
+    Extremes,
     fans,
     kind,
     layout_known,
@@ -466,7 +467,7 @@ def build_stats(model: nn.Module, layers: dict[str, nn.Module], graph: Graph, ac
     out = [_layer_stats(name, m, order, graph, acc, host) for name, m in layers.items()]
     _ties(out, layers)
     if symmetry:
-        _symmetry(out, layers, grads)
+        _symmetry(out, layers, grads, host)
     acts = [_act_stats(name, a, host) for name, a in acc.acts.items()]
     by_layer = {a.layer: a for a in acts if a.layer}
     for lay in out:
@@ -516,8 +517,12 @@ def _ties(stats: list[LayerStats], layers: dict[str, nn.Module]) -> None:
             lay.tied_embedding = emb if lay.kind != vocab.EMBEDDING else None
 
 
-def _symmetry(stats: list[LayerStats], layers: dict[str, nn.Module], grads: dict[int, torch.Tensor] | None) -> None:
-    """Each layer's row symmetry (a tied weight once, under its first layer), screened together."""
+def _symmetry(stats: list[LayerStats], layers: dict[str, nn.Module], grads: dict[int, torch.Tensor] | None,
+              host: dict[Key, torch.Tensor] | None = None) -> None:
+    """Each layer's row symmetry (a tied weight once, under its first layer), screened together.
+
+    Where a layer's rows are its whole plain weight, the screen takes the weight's extremes and the
+    gradient's norm from the host copy instead of reading both tensors again (`Extremes`)."""
     seen: set[int] = set()
     items, owners = [], []
     for lay in stats:
@@ -527,11 +532,22 @@ def _symmetry(stats: list[LayerStats], layers: dict[str, nn.Module], grads: dict
             continue
         seen.add(id(w))
         tol = T.DUP_TOL.get(lay.dtype, T.DUP_TOL["default"])
-        for label, rows, grows in weight_rows(m, grads, lay.transposed):
-            items.append((label, rows, grows, tol))
+        parts = list(weight_rows(m, grads, lay.transposed))
+        known = _extremes(host, lay.name, m) if len(parts) == 1 and lay.parametrization is None else None
+        for label, rows, grows in parts:
+            items.append((label, rows, grows, tol, known))
             owners.append(lay)
     for lay, sym in zip(owners, symmetry_all(items)):
         lay.symmetry.append(sym)
+
+
+def _extremes(host: dict[Key, torch.Tensor] | None, name: str, m: nn.Module) -> Extremes | None:
+    if host is None or Key("wmin", name) not in host or Key("gw", name) not in host:
+        return None
+    b = m._parameters.get("bias")
+    return Extremes(float(host[Key("wmin", name)]), float(host[Key("wmax", name)]),
+                    float(host[Key("b", name, "s2")]) if isinstance(b, torch.Tensor) and Key("b", name, "s2") in host
+                    else 0.0, float(host[Key("gw", name)]))
 
 
 def _layer_stats(name, m, order, graph: Graph, acc: Accumulators, host) -> LayerStats:
