@@ -71,7 +71,7 @@ REDUCTIONS = {
     "values": Reduce.FIRST, "wvalues": Reduce.FIRST, "gvalues": Reduce.FIRST,  # a few values for histograms
     "stream": Reduce.SUM,  # a stream norm's [sum_r |g_r|^2 q_r, sum_r |g_r|^2] (rows r of its input)
 }
-MOMENT_PARTS = ("n", "k", "s1", "s2")  # stats.Sums; an unshifted one (gradients) has no "k"
+MOMENT_PARTS = ("n", "k", "s1", "s2", "scale")  # stats.Sums ("scale" only where it has one)
 # kept values -> the ModelStats.values kind they fill (histograms)
 VALUE_KINDS = {"values": "activations", "wvalues": "weights", "gvalues": "weight_gradients"}
 
@@ -164,8 +164,9 @@ def combine(items: list[tuple[Key, list[torch.Tensor]]]) -> Buffer:
             merged = Moments()
             for r in range(len(copies)):
                 k = parts[keys["k"]][r] if keys["k"] in parts else None
+                scale = parts[keys["scale"]][r] if keys["scale"] in parts else None
                 n = float(parts[keys["n"]][r][0])
-                merged = merged.merge(Sums(n, parts[keys["s1"]][r], parts[keys["s2"]][r], k).moments())
+                merged = merged.merge(Sums(n, parts[keys["s1"]][r], parts[keys["s2"]][r], k, scale).moments())
             dev = copies[0].device
             n = torch.tensor([merged.n], dtype=torch.float64, device=dev)
             mean, m2 = merged.mean.to(dev), merged.m2.to(dev)
@@ -198,12 +199,12 @@ def saturated(kind_: str, y: torch.Tensor, dims: list[int]) -> torch.Tensor:
     return mask.sum(dim=dims, dtype=torch.int32)
 
 
-def _add(table: dict[str, Sums], name: str, t: torch.Tensor, ud: int, shift: bool) -> None:
-    """A layer's output (shifted sums) or gradient (unshifted), pooled over units; later calls add up."""
+def _add(table: dict[str, Sums], name: str, t: torch.Tensor, ud: int, pooled: bool) -> None:
+    """A layer's output (per unit) or gradient (pooled over units); later calls add up."""
     if name in table:
         table[name].add(t, ud)
     else:
-        s = Sums.over(t, ud, shift=shift)
+        s = Sums.over(t, ud, pooled=pooled)
         if s is not None:
             table[name] = s
 
@@ -249,6 +250,7 @@ class Accumulators:
         self.stream_rows: dict[int, torch.Tensor] = {}  # per-row second moment of a stream norm's input
         self.stream: dict[int, torch.Tensor] = {}  # its gradient-weighted [sum |g|^2 |x|^2, sum |g|^2]
         self.stream_width: dict[int, int] = {}
+        self._last_output: tuple[torch.Tensor | None, str] = (None, "")  # the latest layer output
 
     def called(self, layer: str) -> None:
         if layer not in self.calls:
@@ -258,12 +260,14 @@ class Accumulators:
 
     def layer_output(self, layer: str, y: torch.Tensor, ud: int) -> None:
         self.unit_dims[layer] = ud
-        _add(self.out, layer, y, ud, shift=True)
+        # per unit: a saturating nonlinearity that takes this very tensor reads its spread from them
+        _add(self.out, layer, y, ud, pooled=False)
+        self._last_output = (y, layer)
         if self.keep_values and layer not in self.values:
             self.values[layer] = y.detach().reshape(-1)[: self.keep_values].clone()
 
     def gradient(self, layer: str, g: torch.Tensor, ud: int) -> None:
-        _add(self.grad, layer, g, ud, shift=False)
+        _add(self.grad, layer, g, ud, pooled=True)
 
     def stream_input(self, index: int, x: torch.Tensor) -> None:
         x = as_float(x.detach())
@@ -312,7 +316,12 @@ class Accumulators:
             cnt = saturated(call.kind, as_float(y), dims)
             acc.sat = cnt if acc.sat is None else acc.sat + cnt
             if isinstance(call.x, torch.Tensor) and call.x is not call.out:
-                _add_input(acc, call.x, ud)
+                last, layer = self._last_output
+                if (acc.inp is None and call.x is last and self.calls.get(layer) == 1
+                        and self.unit_dims.get(layer) == ud and layer in self.out):
+                    acc.inp = dataclasses.replace(self.out[layer])  # the layer's own output: its sums
+                else:
+                    _add_input(acc, call.x, ud)
         if call.kind in vocab.DYING and y.numel():
             mx = y.amax(dim=dims)
             acc.maxv = mx if acc.maxv is None else torch.maximum(acc.maxv, mx)
@@ -341,9 +350,9 @@ class Accumulators:
         def sums(what: str, name: str, s: Sums | None) -> None:
             if s is not None:
                 items.append((Key(what, name, "n"), torch.tensor([s.n], dtype=torch.float64)))
-                if s.k is not None:
-                    items.append((Key(what, name, "k"), s.k))
-                items.extend([(Key(what, name, "s1"), s.s1), (Key(what, name, "s2"), s.s2)])
+                items.extend([(Key(what, name, "k"), s.k), (Key(what, name, "s1"), s.s1), (Key(what, name, "s2"), s.s2)])
+                if s.scale is not None:
+                    items.append((Key(what, name, "scale"), s.scale))
 
         for name, s in self.out.items():
             sums("out", name, s)
@@ -429,7 +438,7 @@ def _moments(host: dict[Key, torch.Tensor], what: str, name: str) -> Moments:
     if n is None:
         return Moments()
     return Sums(float(n[0]), host[Key(what, name, "s1")], host[Key(what, name, "s2")],
-                host.get(Key(what, name, "k"))).moments()
+                host.get(Key(what, name, "k")), host.get(Key(what, name, "scale"))).moments()
 
 
 def _pair(host: dict[Key, torch.Tensor], what: str, name: str) -> tuple[float, float] | None:

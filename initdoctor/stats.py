@@ -41,59 +41,59 @@ class Sums:
 
     Each unit is shifted by its first sample `k` (values near it subtract exactly, so a variance of
     1e-17 next to a mean of 0.5 survives), then `s1` = sum of (x - k) per unit and `s2` = sum of
-    (x - k)^2, either per unit or `pooled` over all units (what the signal and q need: one float64
-    norm, which cannot overflow for float32 values). Gradients are taken unshifted (`k` None): their
-    scale G = mean(g^2) is s2 itself. A NaN or Inf in a unit makes its s1 non-finite. Later calls of
-    the same module add up under the first call's shift; `moments()` turns the sums into per-unit
+    (x - k)^2, either per unit or `pooled` over all units (all that the signal, q and G need). A
+    NaN or Inf in a unit makes its s1 non-finite.
+
+    The squares must neither overflow nor underflow float32 (a gradient of 1e-20 is still a
+    gradient). On the CPU the shifted copy, which is ours, is divided in place by its largest |value|
+    (`scale`), so every square lies in [0, 1], and summed in float32: no float64 copy, whose fresh
+    allocation costs more than the arithmetic there. On an accelerator, where allocation is cheap and
+    each kernel launch counts, the pooled sum is one float64 norm instead. Later calls of the same
+    module add up under the first call's shift (in float64); `moments()` turns the sums into per-unit
     means and centred sums of squares in float64 on the host.
     """
 
     n: float
     s1: torch.Tensor
     s2: torch.Tensor
-    k: torch.Tensor | None = None  # per-unit shift (flat), None for 0
+    k: torch.Tensor | None = None  # per-unit shift (flat)
+    scale: torch.Tensor | None = None  # s1 and s2 are of (x - k) / scale
 
     @staticmethod
-    def over(t: torch.Tensor, unit_dim: int, *, shift: bool = True, pooled: bool = True) -> Sums | None:
-        x = as_float(t.detach())
-        if x.numel() == 0:
+    def over(t: torch.Tensor, unit_dim: int, *, pooled: bool = True) -> Sums | None:
+        x, ud, dims = _prepare(t, unit_dim)
+        if x is None:
             return None
-        dims = sample_dims(x, unit_dim)
-        if dims is None:
-            x, ud, dims = units_view(x, unit_dim), 1, [0]
-        else:
-            ud = unit_dim % x.dim()
         n = float(x.numel() // max(x.shape[ud], 1))
-        k = None
-        if shift:
-            k = x[tuple(slice(None) if d == ud else slice(0, 1) for d in range(x.dim()))].reshape(-1).clone()
-        return Sums(n, *_sums(x, k, ud, dims, pooled), k)
+        k = x[tuple(slice(None) if d == ud else slice(0, 1) for d in range(x.dim()))].reshape(-1).clone()
+        s1, s2, scale = _sums(x, k, ud, dims, pooled)
+        return Sums(n, s1, s2, k, scale)
 
     @property
     def units(self) -> int:
         return int(self.s1.numel())
 
+    @property
+    def pooled(self) -> bool:
+        return self.s2.numel() != self.s1.numel() or self.s1.numel() == 1
+
     def add(self, t: torch.Tensor, unit_dim: int) -> None:
-        """Another call's tensor, under this one's shift (so the sums simply add)."""
-        x = as_float(t.detach())
-        if x.numel() == 0:
+        """Another call's tensor, under this one's shift (so the sums simply add, in float64)."""
+        x, ud, dims = _prepare(t, unit_dim)
+        if x is None:
             return
-        dims = sample_dims(x, unit_dim)
-        if dims is None:
-            x, ud, dims = units_view(x, unit_dim), 1, [0]
-        else:
-            ud = unit_dim % x.dim()
         if x.shape[ud] != self.s1.numel():
             raise ValueError(f"{x.shape[ud]} units where an earlier call had {self.s1.numel()}")
-        s1, s2 = _sums(x, self.k, ud, dims, self.s2.numel() == 1 and self.s1.numel() != 1)
+        s1, s2, scale = _sums(x, self.k, ud, dims, self.pooled and self.s2.numel() == 1)
         self.n += float(x.numel() // max(x.shape[ud], 1))
-        self.s1 = self.s1 + s1
-        self.s2 = self.s2 + s2
+        a1, a2 = _unscaled(self.s1, self.s2, self.scale)
+        b1, b2 = _unscaled(s1, s2, scale)
+        self.s1, self.s2, self.scale = a1 + b1, a2 + b2, None
 
     def moments(self) -> Moments:
         """Per-unit mean and centred sum of squares, float64 on the CPU."""
-        s1 = self.s1.detach().double().cpu()
-        s2 = self.s2.detach().double().cpu()
+        s1, s2 = _unscaled(self.s1.detach().cpu(), self.s2.detach().cpu(),
+                           None if self.scale is None else self.scale.detach().cpu())
         k = self.k.detach().double().cpu() if self.k is not None else torch.zeros_like(s1)
         d = s1 / self.n
         sq = s1 * d  # sum over samples of the mean deviation, squared, per unit
@@ -101,18 +101,41 @@ class Sums:
         return Moments(self.n, k + d, m2.clamp_min(0.0))
 
 
-def _sums(x: torch.Tensor, k: torch.Tensor | None, ud: int, dims: list[int],
-          pooled: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    if k is not None:
-        x = x - k.reshape([-1 if d == ud else 1 for d in range(x.dim())])
-    s1 = x.sum(dim=dims)
+def _prepare(t: torch.Tensor, unit_dim: int) -> tuple[torch.Tensor | None, int, list[int]]:
+    x = as_float(t.detach())
+    if x.numel() == 0:
+        return None, 0, []
+    dims = sample_dims(x, unit_dim)
+    if dims is None:
+        return units_view(x, unit_dim), 1, [0]
+    return x, unit_dim % x.dim(), dims
+
+
+def _unscaled(s1: torch.Tensor, s2: torch.Tensor, scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    s1, s2 = s1.double(), s2.double()
+    if scale is None:
+        return s1, s2
+    c = scale.double()
+    return s1 * c, s2 * c.square()
+
+
+def _sums(x: torch.Tensor, k: torch.Tensor, ud: int, dims: list[int],
+          pooled: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    xs = x - k.reshape([-1 if d == ud else 1 for d in range(x.dim())])  # ours: changed in place below
+    if xs.device.type != "cpu":
+        s1 = xs.sum(dim=dims)
+        if pooled:
+            return s1, torch.linalg.vector_norm(xs, dtype=torch.float64).square_().reshape(1), None
+        return s1, xs.square_().sum(dim=dims), None
+    lo, hi = torch.aminmax(xs)
+    # a NaN or Inf anywhere: no scaling, so that only the units that hold one have a non-finite s1
+    scale = torch.nan_to_num_(torch.maximum(lo.neg_(), hi), nan=1.0, posinf=1.0).clamp_min_(1e-30)
+    xs.div_(scale)
+    s1 = xs.sum(dim=dims)
     if pooled:
-        s2 = torch.linalg.vector_norm(x, dtype=torch.float64).square_().reshape(1)
-    elif k is not None:
-        s2 = x.square_().sum(dim=dims)  # our own shifted copy
-    else:
-        s2 = x.square().sum(dim=dims)
-    return s1, s2
+        flat = xs.reshape(-1)
+        return s1, torch.dot(flat, flat).reshape(1), scale
+    return s1, xs.square_().sum(dim=dims), scale
 
 
 @dataclass
