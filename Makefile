@@ -42,6 +42,7 @@ bench: setup
 	$(BIN)/python benchmarks/watch_overhead.py
 	$(BIN)/python benchmarks/compile_watch.py
 	$(BIN)/python benchmarks/tensorboard_cost.py
+	$(BIN)/python benchmarks/gpu_cost.py
 
 clean:
 	rm -rf $(VENV) site .pytest_cache

@@ -25,6 +25,7 @@ from .stats import (
     Sums,
     as_float,
     sample_dims,
+    scaled,
     summary_of,
     units_view,
 )
@@ -260,8 +261,9 @@ class Accumulators:
 
     def layer_output(self, layer: str, y: torch.Tensor, ud: int) -> None:
         self.unit_dims[layer] = ud
-        # per unit: a saturating nonlinearity that takes this very tensor reads its spread from them
-        _add(self.out, layer, y, ud, pooled=False)
+        # large ones per unit (as cheap there): a saturating nonlinearity that takes this very tensor
+        # reads its spread from them
+        _add(self.out, layer, y, ud, pooled=not scaled(y))
         self._last_output = (y, layer)
         if self.keep_values and layer not in self.values:
             self.values[layer] = y.detach().reshape(-1)[: self.keep_values].clone()
@@ -318,7 +320,7 @@ class Accumulators:
             if isinstance(call.x, torch.Tensor) and call.x is not call.out:
                 last, layer = self._last_output
                 if (acc.inp is None and call.x is last and self.calls.get(layer) == 1
-                        and self.unit_dims.get(layer) == ud and layer in self.out):
+                        and self.unit_dims.get(layer) == ud and layer in self.out and not self.out[layer].pooled):
                     acc.inp = dataclasses.replace(self.out[layer])  # the layer's own output: its sums
                 else:
                     _add_input(acc, call.x, ud)

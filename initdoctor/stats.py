@@ -45,10 +45,12 @@ class Sums:
     NaN or Inf in a unit makes its s1 non-finite.
 
     The squares must neither overflow nor underflow float32 (a gradient of 1e-20 is still a
-    gradient). On the CPU the shifted copy, which is ours, is divided in place by its largest |value|
-    (`scale`), so every square lies in [0, 1], and summed in float32: no float64 copy, whose fresh
-    allocation costs more than the arithmetic there. On an accelerator, where allocation is cheap and
-    each kernel launch counts, the pooled sum is one float64 norm instead. Later calls of the same
+    gradient). For a large tensor on the CPU the shifted copy, which is ours, is divided in place by
+    its largest |value| (`scale`), so every square lies in [0, 1], and summed in float32: no float64
+    copy, whose freshly mapped pages cost more than the arithmetic there. Elsewhere (small tensors,
+    where each kernel's fixed cost counts, and accelerators, where allocation is cheap) the pooled
+    sum is one float64 norm; per-unit sums of squares are then float32 (saturating nonlinearities'
+    inputs, whose spread is read, not their extremes). Later calls of the same
     module add up under the first call's shift (in float64); `moments()` turns the sums into per-unit
     means and centred sums of squares in float64 on the host.
     """
@@ -119,10 +121,19 @@ def _unscaled(s1: torch.Tensor, s2: torch.Tensor, scale: torch.Tensor | None) ->
     return s1 * c, s2 * c.square()
 
 
+SMALL = 1 << 14  # entries: below this a float64 copy is cheap on the CPU too (no fresh pages), kernels count
+
+
+def scaled(t: torch.Tensor) -> bool:
+    """Whether `Sums` scales a tensor in place and sums in float32 (large tensors on the CPU) rather
+    than taking one float64 norm (small ones, and every tensor on an accelerator)."""
+    return t.device.type == "cpu" and t.numel() > SMALL
+
+
 def _sums(x: torch.Tensor, k: torch.Tensor, ud: int, dims: list[int],
           pooled: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     xs = x - k.reshape([-1 if d == ud else 1 for d in range(x.dim())])  # ours: changed in place below
-    if xs.device.type != "cpu":
+    if not scaled(xs):
         s1 = xs.sum(dim=dims)
         if pooled:
             return s1, torch.linalg.vector_norm(xs, dtype=torch.float64).square_().reshape(1), None
