@@ -173,6 +173,7 @@ class Watch:
         self._warned: dict[str, int] = {}
         self._rec: Recorder | None = None
         self._structure: Structure | None = None
+        self.structure_reads = 0  # how often the model's modules were read (once, unless replaced)
         self._tb: Any = None  # report.tensorboard.RunWriter, made on the first write
         self._lock = threading.Lock()  # _warned and _pending: decided on the worker, read here
         self._pending: list[str] = []  # warnings decided, to be issued on the training thread
@@ -259,6 +260,7 @@ class Watch:
             if self.compiled is None:
                 if self._structure is None or not self._structure.matches(self.model):
                     self._structure = Structure(self.model)  # read again when modules or parameters change
+                    self.structure_reads += 1
                 rec = Recorder(self.model, keep_values=keep, structure=self._structure)
             else:
                 rec = CompiledRecorder(self.compiled, self.model, keep_values=keep)

@@ -54,6 +54,28 @@ def test_training_is_bit_identical_with_and_without_watch(tmp_path):
     assert not torch._C._is_torch_function_mode_enabled()
 
 
+def test_a_replaced_layer_is_measured_at_the_next_sample():
+    """The watch reads its model's structure once, and again when a module or parameter is replaced."""
+    model = tanh_mlp(2)
+    with initdoctor.watch(model, every=1, warn=False) as doctor:
+        train(model, 1, doctor)
+        first = doctor.structure_reads
+        train(model, 2, doctor)
+        assert doctor.structure_reads == first  # the same modules: read once
+        model[2] = nn.Linear(32, 32)
+        with torch.no_grad():
+            model[2].weight.normal_(0.0, 3.0)
+        train(model, 1, doctor)
+        assert doctor.structure_reads == first + 1
+        model[0].weight = nn.Parameter(torch.zeros(32, 32))  # a parameter replaced, modules the same
+        train(model, 1, doctor)
+        assert doctor.structure_reads == first + 2
+    layer_std = {lay.name: lay.weight_std for lay in doctor.last.stats.layers}
+    # the new parameter is the one measured: zeros after one SGD step, against ~0.10 for the old one
+    assert layer_std["0"] < 0.03
+    assert 2.5 < layer_std["2"] < 3.5
+
+
 def test_hooks_only_on_sampled_steps_and_removed_on_error():
     model = tanh_mlp(2)
     seen = []
