@@ -19,6 +19,8 @@ def units_view(t: torch.Tensor, unit_dim: int) -> torch.Tensor:
         return t.reshape(1, 1)
     if t.dim() == 1:
         return t.reshape(-1, 1) if unit_dim != 0 else t.reshape(1, -1)
+    if unit_dim in (-1, t.dim() - 1):
+        return t.reshape(-1, t.shape[-1])
     return t.movedim(unit_dim, -1).reshape(-1, t.shape[unit_dim])
 
 
@@ -67,7 +69,10 @@ class Sums:
         if x is None:
             return None
         n = float(x.numel() // max(x.shape[ud], 1))
-        k = x[tuple(slice(None) if d == ud else slice(0, 1) for d in range(x.dim()))].reshape(-1).clone()
+        if dims == [0]:  # (samples, units): the first row
+            k = x[0].clone()
+        else:
+            k = x[tuple(slice(None) if d == ud else slice(0, 1) for d in range(x.dim()))].reshape(-1).clone()
         s1, s2, scale = _sums(x, k, ud, dims, pooled)
         return Sums(n, s1, s2, k, scale)
 
@@ -132,7 +137,8 @@ def scaled(t: torch.Tensor) -> bool:
 
 def _sums(x: torch.Tensor, k: torch.Tensor, ud: int, dims: list[int],
           pooled: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    xs = x - k.reshape([-1 if d == ud else 1 for d in range(x.dim())])  # ours: changed in place below
+    # ours: changed in place below
+    xs = x - (k if ud == x.dim() - 1 else k.reshape([-1 if d == ud else 1 for d in range(x.dim())]))
     if not scaled(xs):
         s1 = xs.sum(dim=dims)
         if pooled:
