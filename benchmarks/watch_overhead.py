@@ -95,6 +95,24 @@ TASKS = [
          lambda: (torch.randint(0, 500, (8, 32)), torch.randint(0, 500, (8, 32))), seq_loss),
 ]
 
+
+
+def large_tasks() -> list[Task]:
+    """check_cost.py's three models, in training (`--large`): steps of 0.2-0.3 s on one CPU thread,
+    where the fixed costs per layer that dominate the three small models above are amortized."""
+    from check_cost import MODELS
+
+    out = []
+    for name, (describe, build, batch) in MODELS.items():
+        seq = name == "transformer"  # a language model: one target per token
+
+        def make_batch(batch=batch, seq=seq):
+            x = batch()
+            return x, torch.randint(0, 1000 if seq else 10, tuple(x.shape if seq else x.shape[:1]))
+        out.append(Task(name, describe, build, make_batch, seq_loss if seq else F.cross_entropy))
+    return out
+
+
 # --- monitors ------------------------------------------------------------------------------------
 
 
@@ -207,7 +225,14 @@ class Variant:
     worker: list[float] = field(default_factory=list)  # per block: CPU time of the monitor's worker thread
 
 
-def variants(more: bool) -> list[Variant]:
+def variants(more: bool, large: bool = False) -> list[Variant]:
+    if large:  # steps of a few tenths of a second: the variants the issue sets targets for
+        return [
+            Variant("no monitor", lambda m, d: Monitor()),
+            Variant("no monitor (second twin)", lambda m, d: Monitor()),
+            Variant("watch every=1, step(wait=False)", lambda m, d: Watch(m, 1, None, wait=False), 1.15),
+            Variant("watch every=10, step(wait=False)", lambda m, d: Watch(m, 10, None, wait=False), 1.03),
+        ]
     out = [
         Variant("no monitor", lambda m, d: Monitor()),
         Variant("no monitor (second twin)", lambda m, d: Monitor()),
@@ -245,11 +270,12 @@ def train_step(model, opt, task, batch, monitor, step) -> tuple[float, float, fl
     return time.perf_counter() - t0, time.process_time() - c0, time.thread_time() - h0
 
 
-def run_task(task: Task, rounds: int, warmup: int, more: bool, block: int) -> tuple[list[Variant], dict[str, Any]]:
+def run_task(task: Task, rounds: int, warmup: int, more: bool, block: int,
+             large: bool = False) -> tuple[list[Variant], dict[str, Any]]:
     torch.manual_seed(0)
     base = task.build()
     batches = [task.batch() for _ in range(8)]
-    vs = variants(more)
+    vs = variants(more, large)
     tmp = tempfile.mkdtemp(prefix="initdoctor-bench-")
     twins, opts, monitors = [], [], []
     try:
@@ -362,6 +388,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=5, help="untimed steps per twin before its monitor starts")
     ap.add_argument("--models", default="MLP,CNN,Transformer", help="comma-separated subset")
     ap.add_argument("--more", action="store_true", help="also log_dir variants, every=10 waiting, add_histogram")
+    ap.add_argument("--large", action="store_true",
+                    help="check_cost.py's three larger models instead (every=1 and every=10; use fewer rounds)")
     args = ap.parse_args()
     setup_torch()
     warnings.simplefilter("ignore", InitDoctorWarning)  # findings on these toy models are beside the point
@@ -372,10 +400,12 @@ def main() -> None:
           "rounds; median block ratio with a 95% bootstrap interval; one torch thread")
     sections, notes = [], []
     t0 = time.perf_counter()
-    for task in TASKS:
-        if task.name not in args.models.split(","):
+    tasks = large_tasks() if args.large else TASKS
+    names = [t.name for t in tasks] if args.large and args.models == ap.get_default("models") else args.models.split(",")
+    for task in tasks:
+        if task.name not in names:
             continue
-        vs, info = run_task(task, args.rounds, args.warmup, args.more, args.block)
+        vs, info = run_task(task, args.rounds, args.warmup, args.more, args.block, args.large)
         info["blocks"] = args.rounds // args.block
         rows = summarize(vs, args.block)
         text, n = report(task, rows, info, args.block)
@@ -390,7 +420,8 @@ def main() -> None:
     if args.write:
         body = "\n\n".join([
             f"Measured {here}; `python benchmarks/watch_overhead.py --rounds {args.rounds}"
-            f"{' --more' if args.more else ''}` ({total:.0f} s).",
+            f"{' --block ' + str(args.block) if args.block != 100 else ''}"
+            f"{' --more' if args.more else ''}{' --large' if args.large else ''}` ({total:.0f} s).",
             "Each cell: the median over blocks of the block's total step time divided by the no-monitor "
             "twin's over the same rounds, and a 95% bootstrap interval of that median. *process CPU* counts "
             "every thread of the process during the twin's steps: a worker thread's work lands on whichever "
@@ -403,7 +434,7 @@ def main() -> None:
             "\n\n".join(sections),
             "\n".join(f"- {n}" for n in notes),
         ])
-        write_section("watch_overhead", body)
+        write_section("watch_overhead_large" if args.large else "watch_overhead", body)
 
 
 if __name__ == "__main__":
