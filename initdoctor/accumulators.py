@@ -134,7 +134,7 @@ def unpack(flat: torch.Tensor, like: Buffer) -> Buffer:
 
 def to_host(items: Buffer) -> dict[Key, torch.Tensor]:
     """One device-to-host copy for all accumulators (per device). CPU tensors are taken as they are
-    (no copy, no conversion on the training thread): readers convert with `host_float`."""
+    (no copy, no conversion on the training thread): `build_stats` converts what it reads."""
     by_dev: dict[torch.device, Buffer] = {}
     out: dict[Key, torch.Tensor] = {}
     for key, t in items:
@@ -145,10 +145,6 @@ def to_host(items: Buffer) -> dict[Key, torch.Tensor]:
     for part in by_dev.values():
         out.update(unpack(pack(part).cpu(), part))
     return out
-
-
-def host_float(t: torch.Tensor) -> torch.Tensor:
-    return t if t.dtype == torch.float64 else t.double()
 
 
 def combine(items: list[tuple[Key, list[torch.Tensor]]]) -> Buffer:
