@@ -49,10 +49,9 @@ class Sums:
     The squares must neither overflow nor underflow float32 (a gradient of 1e-20 is still a
     gradient). For a large tensor on the CPU the shifted copy, which is ours, is divided in place by
     its largest |value| (`scale`), so every square lies in [0, 1], and summed in float32: no float64
-    copy, whose freshly mapped pages cost more than the arithmetic there. Elsewhere (small tensors,
-    where each kernel's fixed cost counts, and accelerators, where allocation is cheap) the pooled
-    sum is one float64 norm; per-unit sums of squares are then float32 (saturating nonlinearities'
-    inputs, whose spread is read, not their extremes). Later calls of the same
+    copy, whose freshly mapped pages cost more than the arithmetic there; per-unit sums of squares
+    are always taken so. Elsewhere (small tensors, where each kernel's fixed cost counts, and
+    accelerators, where allocation is cheap) a pooled sum is one float64 norm. Later calls of the same
     module add up under the first call's shift (in float64); `moments()` turns the sums into per-unit
     means and centred sums of squares in float64 on the host.
     """
@@ -130,8 +129,8 @@ SMALL = 1 << 14  # entries: below this a float64 copy is cheap on the CPU too (n
 
 
 def scaled(t: torch.Tensor) -> bool:
-    """Whether `Sums` scales a tensor in place and sums in float32 (large tensors on the CPU) rather
-    than taking one float64 norm (small ones, and every tensor on an accelerator)."""
+    """Whether `Sums` pools a tensor's squares by scaling it in place and summing in float32 (large
+    tensors on the CPU) rather than by one float64 norm (small ones, and any on an accelerator)."""
     return t.device.type == "cpu" and t.numel() > SMALL
 
 
@@ -139,11 +138,8 @@ def _sums(x: torch.Tensor, k: torch.Tensor, ud: int, dims: list[int],
           pooled: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     # ours: changed in place below
     xs = x - (k if ud == x.dim() - 1 else k.reshape([-1 if d == ud else 1 for d in range(x.dim())]))
-    if not scaled(xs):
-        s1 = xs.sum(dim=dims)
-        if pooled:
-            return s1, torch.linalg.vector_norm(xs, dtype=torch.float64).square_().reshape(1), None
-        return s1, xs.square_().sum(dim=dims), None
+    if pooled and not scaled(xs):
+        return xs.sum(dim=dims), torch.linalg.vector_norm(xs, dtype=torch.float64).square_().reshape(1), None
     lo, hi = torch.aminmax(xs)
     # a NaN or Inf anywhere: no scaling, so that only the units that hold one have a non-finite s1
     scale = torch.nan_to_num_(torch.maximum(lo.neg_(), hi), nan=1.0, posinf=1.0).clamp_min_(1e-30)

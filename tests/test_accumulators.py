@@ -75,6 +75,26 @@ def test_sums_give_exact_moments_for_tiny_variances_and_huge_values():
     assert Sums.over(bad, 1).moments().nonfinite_units() == 2
 
 
+@pytest.mark.parametrize("rows", [64, 4096])  # 4096 x 8 lies above stats.SMALL: the scaled float32 path
+def test_both_reduction_paths_are_exact_at_the_extremes(rows):
+    from initdoctor.stats import SMALL, scaled
+
+    gen = torch.Generator().manual_seed(2)
+    base = torch.randn(rows, 8, generator=gen)
+    assert scaled(base) == (base.numel() > SMALL)
+    for factor in (1e30, 1e-30, 1.0):  # squares beyond float32's range either way
+        x = base * factor + 0.5 * factor
+        ref = x.double()
+        for pooled in (True, False):
+            m = Sums.over(x, 1, pooled=pooled).moments()
+            assert m.q() == pytest.approx(float(ref.square().mean()), rel=1e-5), (factor, pooled)
+            assert m.var() == pytest.approx(float(ref.var(0, unbiased=False).mean()), rel=1e-4), (factor, pooled)
+    bad = base.clone()
+    bad[5, 2] = float("nan")
+    bad[0, 6] = float("-inf")
+    assert Sums.over(bad, 1).moments().nonfinite_units() == 2  # only the units that hold one
+
+
 def test_later_calls_add_under_the_first_shift():
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(30, 4, 6, generator=gen) + 3.0
