@@ -244,3 +244,23 @@ def test_id906_names_layers_kept_from_the_cure():
     r = initdoctor.fix(m, torch.randn(128, 32), keep=("2",))
     (note,) = [f for f in r.after.findings if f.code == "ID906"]
     assert "--keep" in note.message and "2" in note.message
+
+
+def test_a_kept_plan_says_whom_each_reason_is_about():
+    """The terminal's "keep" plan names a layer per kind of reason, with how many more share it
+    (it printed three unnamed reasons, cut alphabetically, before)."""
+    from initdoctor.report.text import plan_block
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(50, 16), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(),
+                          nn.Linear(16, 4))
+    d = initdoctor.check(model, torch.randint(0, 50, (32,)))
+    assert not any(p.apply for p in d.plan)
+    lines = plan_block(d.plan, color=False)
+    assert lines[0] == "Plan: keep the current initialization."
+    text = "\n".join(lines)
+    assert "0: embeddings have no fan-in" in text
+    # the three linear layers share one kind of reason (their gains differ: 5/3 before a tanh, 1 at the output)
+    assert [p.layer for p in d.plan] == ["0", "1", "3", "5"]
+    assert "1 and 2 more: no curable finding: kept" in text
+    assert len(lines) == 3

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import sys
 import textwrap
 from typing import Any
@@ -120,8 +121,19 @@ def _runs(plan):
 def plan_block(plan, color: bool) -> list[str]:
     active = [p for p in plan if p.apply]
     if not active:
-        reasons = sorted({p.reason for p in plan})
-        return [_paint("Plan: keep the current initialization.", "ok", color)] + [f"  {r}" for r in reasons[:3]]
+        # one line per kind of reason (numbers and quoted layers aside), naming whom it is about
+        kinds: dict[str, list] = {}
+        for p in plan:
+            kinds.setdefault(re.sub(r"\([^)]*\)|\d+(\.\d+)?", "#", p.reason), []).append(p)
+        names = short_names([p.layer for p in plan], 30)
+        lines = [_paint("Plan: keep the current initialization.", "ok", color)]
+        for ps in list(kinds.values())[:4]:
+            who = _short(names[ps[0].layer], 30) + (f" and {len(ps) - 1} more" if len(ps) > 1 else "")
+            lines += textwrap.wrap(f"{who}: {ps[0].reason}", WIDTH - 2, initial_indent="  ",
+                                   subsequent_indent="      ")
+        if len(kinds) > 4:
+            lines.append(f"  ({len(kinds) - 4} other reason(s); --format markdown lists every layer)")
+        return lines
     lines = [_paint(f"Plan: re-initialize {len(active)} of {len(plan)} layer(s)", "bold", color)]
     one, two = (short_names([p.layer for p in plan], w) for w in (30, 12))
     for first, last, n, p in _runs(plan):
