@@ -19,11 +19,12 @@ and the warnings' bookkeeping) runs on one background thread, in order, through 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -271,6 +272,17 @@ class Watch:
         if self._rec is not None:
             rec, self._rec = self._rec, None
             rec.close()
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Passes run inside are not part of the step (a framework's own `check` before training):
+        hooks off, and back on afterwards when the step in progress is a sampled one."""
+        self._disarm()
+        try:
+            yield
+        finally:
+            if self.steps % self.every == 0:
+                self._arm()
 
     def _is_writer_rank(self) -> bool:
         return distributed.rank(self.group) == 0

@@ -92,13 +92,9 @@ class InitDoctorCallback(Callback):
         if self._check_pending and self._open:
             self._check_pending = False
             # the check's own passes must not enter the step the watch may be recording
-            self.doctor._disarm()
-            try:
+            with self.doctor.paused():
                 self.check = check_at_start(self.doctor.model, batch, self.example_input, self.loss_fn, self.doctor,
                                             self.run_dir, trainer.global_step, log)
-            finally:
-                if self.doctor.steps % self.every == 0:
-                    self.doctor._arm()
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         if self._open:

@@ -112,13 +112,9 @@ class InitDoctorCallback(TrainerCallback):
         batch = self._first_batch()
         if batch is None:
             return
-        self.doctor._disarm()  # the check's passes are no part of the step
-        try:
+        with self.doctor.paused():  # the check's passes are no part of the step
             self.check = check_at_start(self.doctor.model, batch, self.example_input, self.loss_fn, self.doctor,
                                         self.run_dir, state.global_step, log)
-        finally:
-            if self.doctor.steps % self.every == 0:
-                self.doctor._arm()
 
     def _first_batch(self) -> Any:
         if not isinstance(self._loader, DataLoader):
