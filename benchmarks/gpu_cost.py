@@ -6,8 +6,8 @@
 
 Times are wall clock with `torch.cuda.synchronize()` closing every timed call (a training loop
 synchronizes at least once a step, when it reads its loss). check: one `initdoctor.check` against
-one bare forward+backward, alternating. watch: twins of each model step interleaved in a new random
-order every round, as in watch_overhead.py; per block of 100 rounds, a twin's step time over the
+one bare forward+backward, alternating. watch: twins of each model take runs of 10 consecutive
+steps in a new random order, each run ending with the wait for its worker, as in watch_overhead.py; per block of 100 rounds, a twin's step time over the
 no-monitor twin's is one ratio; the table gives the median ratio and a 95% bootstrap interval.
 """
 
@@ -29,6 +29,7 @@ from watch_overhead import TASKS
 import initdoctor
 
 WATCH_TARGETS = {1: 1.15, 10: 1.03, 100: 1.01}
+RUN = 10  # consecutive steps of one twin (as watch_overhead.py's --run)
 
 
 def sync() -> None:
@@ -77,7 +78,7 @@ def bootstrap(xs: list[float], n: int = 2000) -> tuple[float, float]:
     return meds[int(0.025 * n)], meds[int(0.975 * n)]
 
 
-def train_step(task, twin, batch) -> float:
+def train_step(task, twin, batch, settle: bool = False) -> float:
     model, opt, doctor, _ = twin
     x, y = batch
 
@@ -88,6 +89,8 @@ def train_step(task, twin, batch) -> float:
         opt.step()
         if doctor is not None:
             doctor.step(wait=False)
+            if settle:
+                doctor.wait()
     return timed(run)
 
 
@@ -112,10 +115,12 @@ def watch_rows(rounds: int, block: int, dev: str) -> list[list[str]]:
                 train_step(task, twins[name], batches[i % len(batches)])
         order = names[:]
         rng = random.Random(1)
-        for i in range(rounds):
+        for i0 in range(0, rounds, RUN):
             rng.shuffle(order)
-            for name in order:
-                twins[name][3].append(train_step(task, twins[name], batches[i % len(batches)]))
+            for name in order:  # a run of consecutive steps per twin, its worker drained at the end
+                for i in range(i0, i0 + RUN):
+                    twins[name][3].append(train_step(task, twins[name], batches[i % len(batches)],
+                                                     settle=i == i0 + RUN - 1))
         for _, _, doctor, _ in twins.values():
             if doctor is not None:
                 doctor.close()

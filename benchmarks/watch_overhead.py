@@ -4,11 +4,16 @@
     python benchmarks/watch_overhead.py --write    # ... and update docs/performance.md
 
 Each monitor trains its own twin of the model (a deep copy, same batches, same optimizer), and the
-twins take their steps interleaved, in a new random order every round, so load from other processes
-falls on all of them alike. A second twin with no monitor measures what that leaves: its ratio to the
-first should be 1, and its interval says how well this run resolves a ratio. The rounds are cut into
-blocks of 100 (every=100 then samples exactly once per block); per block, each twin's total step time
-divided by the no-monitor twin's over the same rounds is one ratio. The table gives the median of
+twins take turns: each twin takes a run of 10 consecutive steps (`--run`), the twins in a new random
+order every turn, so load from other processes falls on all of them alike. At the end of its run a
+twin waits for its monitor's background work (`watch`'s worker), within the run's last step: a
+worker overlaps only its own model's training, as in a real loop. (Stepping the twins one step at a
+time, as this script did until 2026-11-29, let a worker's work land on the other twins' steps,
+the no-monitor twin's included, and made `step(wait=False)` look cheaper than it is.) A second twin
+with no monitor measures what that leaves: its ratio to the first should be 1, and its interval says
+how well this run resolves a ratio. The rounds (steps per twin) are cut into blocks of 100
+(every=100 then samples exactly once per block); per block, each twin's total step time divided by
+the no-monitor twin's over the same rounds is one ratio. The table gives the median of
 those block ratios with a 95% bootstrap interval (blocks resampled), on three clocks: wall time,
 the process's CPU time, the training thread's own CPU time (what `watch` leaves on it), and that
 plus the CPU clock of the monitor's worker thread (its whole cost: the process's CPU time would
@@ -126,6 +131,9 @@ class Monitor:
         """CPU seconds spent so far by the monitor's own background thread (none: 0)."""
         return 0.0
 
+    def settle(self) -> None:
+        """Wait for the monitor's background work (none: nothing to wait for)."""
+
     def close(self) -> None:
         pass
 
@@ -140,6 +148,9 @@ class Watch(Monitor):
 
     def after(self, model, step, loss):
         self.doctor.step(wait=self.wait)
+
+    def settle(self):
+        self.doctor.wait()
 
     def worker_cpu(self):
         # the thread's own CPU clock: `process_time` would charge it to whichever twin steps meanwhile
@@ -258,8 +269,9 @@ def variants(more: bool, large: bool = False) -> list[Variant]:
 # --- the run ---------------------------------------------------------------------------------
 
 
-def train_step(model, opt, task, batch, monitor, step) -> tuple[float, float, float]:
-    """Wall clock, process CPU and thread CPU seconds of one training step, the monitor's share included."""
+def train_step(model, opt, task, batch, monitor, step, settle: bool = False) -> tuple[float, float, float]:
+    """Wall clock, process CPU and thread CPU seconds of one training step, the monitor's share included
+    (with `settle`, also the wait for the monitor's background work to finish)."""
     x, y = batch
     t0, c0, h0 = time.perf_counter(), time.process_time(), time.thread_time()
     opt.zero_grad(set_to_none=True)
@@ -267,11 +279,15 @@ def train_step(model, opt, task, batch, monitor, step) -> tuple[float, float, fl
     loss.backward()
     opt.step()
     monitor.after(model, step, loss)
+    if settle:
+        monitor.settle()
     return time.perf_counter() - t0, time.process_time() - c0, time.thread_time() - h0
 
 
 def run_task(task: Task, rounds: int, warmup: int, more: bool, block: int,
-             large: bool = False) -> tuple[list[Variant], dict[str, Any]]:
+             large: bool = False, run: int = 10) -> tuple[list[Variant], dict[str, Any]]:
+    if block % run or rounds % block:
+        raise SystemExit(f"--block {block} must be a multiple of --run {run}, and --rounds {rounds} of --block")
     torch.manual_seed(0)
     base = task.build()
     batches = [task.batch() for _ in range(8)]
@@ -290,14 +306,18 @@ def run_task(task: Task, rounds: int, warmup: int, more: bool, block: int,
         t_start = time.perf_counter()
         shuffle = random.Random(0).shuffle
         order = list(range(len(vs)))
-        for r in range(rounds):
+        for r0 in range(0, rounds, run):
             shuffle(order)  # no twin always runs first, or right after the same other twin
             for i in order:
-                wall, cpu, thread = train_step(twins[i], opts[i], task, batches[(warmup + r) % len(batches)],
-                                               monitors[i], r)
-                vs[i].wall.append(wall)
-                vs[i].cpu.append(cpu)
-                vs[i].thread.append(thread)
+                # `run` consecutive steps of one twin, its monitor's worker then drained within the
+                # last step's time: a worker overlaps its own training only, as in a real loop
+                for r in range(r0, r0 + run):
+                    wall, cpu, thread = train_step(twins[i], opts[i], task, batches[(warmup + r) % len(batches)],
+                                                   monitors[i], r, settle=r == r0 + run - 1)
+                    vs[i].wall.append(wall)
+                    vs[i].cpu.append(cpu)
+                    vs[i].thread.append(thread)
+            r = r0 + run - 1
             if (r + 1) % block == 0:
                 for i, v in enumerate(vs):
                     v.worker.append(monitors[i].worker_cpu())
@@ -385,6 +405,8 @@ def main() -> None:
     ap.add_argument("--write", action="store_true", help="update docs/performance.md")
     ap.add_argument("--rounds", type=int, default=1000, help="interleaved rounds (steps per twin)")
     ap.add_argument("--block", type=int, default=100, help="rounds per block (one every=100 sample each)")
+    ap.add_argument("--run", type=int, default=10,
+                    help="consecutive steps of one twin before the next twin's (its worker drained at the end)")
     ap.add_argument("--warmup", type=int, default=5, help="untimed steps per twin before its monitor starts")
     ap.add_argument("--models", default="MLP,CNN,Transformer", help="comma-separated subset")
     ap.add_argument("--more", action="store_true", help="also log_dir variants, every=10 waiting, add_histogram")
@@ -396,7 +418,7 @@ def main() -> None:
     warnings.filterwarnings("ignore", module="tensorboard")
     here = machine()
     print(f"machine: {here}")
-    print(f"method: twins interleaved step by step in a new random order each round; blocks of {args.block} "
+    print(f"method: twins take runs of {args.run} steps in a new random order each turn; blocks of {args.block} "
           "rounds; median block ratio with a 95% bootstrap interval; one torch thread")
     sections, notes = [], []
     t0 = time.perf_counter()
@@ -405,7 +427,7 @@ def main() -> None:
     for task in tasks:
         if task.name not in names:
             continue
-        vs, info = run_task(task, args.rounds, args.warmup, args.more, args.block, args.large)
+        vs, info = run_task(task, args.rounds, args.warmup, args.more, args.block, args.large, args.run)
         info["blocks"] = args.rounds // args.block
         rows = summarize(vs, args.block)
         text, n = report(task, rows, info, args.block)
@@ -421,6 +443,7 @@ def main() -> None:
         body = "\n\n".join([
             f"Measured {here}; `python benchmarks/watch_overhead.py --rounds {args.rounds}"
             f"{' --block ' + str(args.block) if args.block != 100 else ''}"
+            f"{' --run ' + str(args.run) if args.run != 10 else ''}"
             f"{' --more' if args.more else ''}{' --large' if args.large else ''}` ({total:.0f} s).",
             "Each cell: the median over blocks of the block's total step time divided by the no-monitor "
             "twin's over the same rounds, and a 95% bootstrap interval of that median. *process CPU* counts "

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
+import operator
 
 import torch
 from torch import nn
@@ -77,16 +78,33 @@ MOMENT_PARTS = ("n", "k", "s1", "s2", "scale")  # stats.Sums ("scale" only where
 VALUE_KINDS = {"values": "activations", "wvalues": "weights", "gvalues": "weight_gradients"}
 
 
-@dataclasses.dataclass(frozen=True)
-class Key:
-    what: str  # one of REDUCTIONS
-    name: str = ""  # the layer or activation record
-    part: str = ""  # for moments: one of MOMENT_PARTS
-    sharded: bool = dataclasses.field(default=False, compare=False)  # a shard's local part
+class Key(tuple):
+    """Names one accumulator: what it is (one of REDUCTIONS), the layer or activation record, and for
+    moments its part (one of MOMENT_PARTS). `sharded` (a shard's local part) changes how copies combine
+    but not which accumulator it is: keys equal without it. A tuple of the three, so that hashing and
+    comparing run at C speed (building the statistics looks keys up a few hundred times a sample)."""
+
+    what = property(operator.itemgetter(0))
+    name = property(operator.itemgetter(1))
+    part = property(operator.itemgetter(2))
+
+    def __new__(cls, what: str, name: str = "", part: str = "", sharded: bool = False) -> Key:
+        key = tuple.__new__(cls, (what, name, part))
+        key.sharded = sharded
+        return key
+
+    def __repr__(self) -> str:
+        return f"Key({self[0]!r}, {self[1]!r}, {self[2]!r}{', sharded=True' if self.sharded else ''})"
+
+    def __reduce__(self):
+        return Key, (*self, self.sharded)
+
+    def with_part(self, part: str) -> Key:
+        return Key(self[0], self[1], part, self.sharded)
 
     @property
     def reduce(self) -> Reduce:
-        return Reduce.SUM if self.sharded else REDUCTIONS[self.what]
+        return Reduce.SUM if self.sharded else REDUCTIONS[self[0]]
 
 
 Buffer = list[tuple[Key, torch.Tensor]]
@@ -157,7 +175,7 @@ def combine(items: list[tuple[Key, list[torch.Tensor]]]) -> Buffer:
             continue
         if key.reduce is Reduce.MOMENTS:
             # each copy's sums -> moments, merged by Chan's formula, back as sums shifted by the mean
-            keys = {p: dataclasses.replace(key, part=p) for p in MOMENT_PARTS}
+            keys = {p: key.with_part(p) for p in MOMENT_PARTS}
             merged = Moments()
             for r in range(len(copies)):
                 k = parts[keys["k"]][r] if keys["k"] in parts else None
@@ -445,13 +463,15 @@ def _pair(host: dict[Key, torch.Tensor], what: str, name: str) -> tuple[float, f
     return None if s1 is None else (float(s1), float(host[Key(what, name, "s2")]))
 
 
-def nonzero_norms(host: dict[Key, torch.Tensor], model: nn.Module, layers: dict[str, nn.Module]) -> list[str]:
+def nonzero_norms(host: dict[Key, torch.Tensor], model: nn.Module, layers: dict[str, nn.Module],
+                  norms: list[tuple[str, nn.Module]] | None = None) -> list[str]:
     """Norm layers (not measured as weight layers) whose weight is not all zero: the ones to reset.
-    Zero-weight norms are deliberate (zero-init residual). Read from the host copy (`norms`)."""
+    Zero-weight norms are deliberate (zero-init residual). Read from the host copy (`norms`, in the
+    order of `norm_layers`, which `norms` gives when the caller has it already)."""
     v = host.get(Key("norms"))
     if v is None:
         return []
-    return [n for (n, _), x in zip(norm_layers(model, layers), v.tolist()) if x != 0]
+    return [n for (n, _), x in zip(norm_layers(model, layers) if norms is None else norms, v.tolist()) if x != 0]
 
 
 def reads_weights(host: dict[Key, torch.Tensor]) -> bool:
@@ -465,13 +485,16 @@ def reads_weights(host: dict[Key, torch.Tensor]) -> bool:
 
 def build_stats(model: nn.Module, layers: dict[str, nn.Module], graph: Graph, acc: Accumulators,
                 host: dict[Key, torch.Tensor], grads: dict[int, torch.Tensor] | None, backward: bool,
-                symmetry: bool) -> ModelStats:
+                symmetry: bool, *, others: list[tuple[str, torch.Tensor]] | None = None,
+                norms: list[tuple[str, nn.Module]] | None = None, static: dict | None = None) -> ModelStats:
     """ModelStats from the host copy of the buffer, the structure the graph saw, and the weights.
 
     It reads the live weights only for `symmetry`, for trained norm gains, and where
-    `reads_weights(host)`."""
+    `reads_weights(host)`. `others` and `norms` are `other_params` and `norm_layers` where the
+    caller has them; `static` keeps what each layer's module alone decides (its kind, fans, ...)
+    from one call to the next while the modules stay the same (probe.Structure)."""
     order = {n: i for i, n in enumerate(acc.order)}
-    out = [_layer_stats(name, m, order, graph, acc, host) for name, m in layers.items()]
+    out = [_layer_stats(name, m, order, graph, acc, host, static) for name, m in layers.items()]
     _ties(out, layers)
     if symmetry:
         _symmetry(out, layers, grads, host)
@@ -482,7 +505,7 @@ def build_stats(model: nn.Module, layers: dict[str, nn.Module], graph: Graph, ac
         if a is not None:
             lay.saturated, lay.saturated_units = a.saturated, a.saturated_units
             lay.dead, lay.preact_std = a.dead, a.preact_std
-    norms = nonzero_norms(host, model, layers)
+    norms = nonzero_norms(host, model, layers, norms)
     out_bad = int(host[Key("outbad")].sum()) if Key("outbad") in host else 0
     stats = ModelStats(out, acts, norms, out_bad, backward, residual_adds=graph.residual_adds,
                        trained_norms=[n for n in norms if _varies(model.get_submodule(n))])
@@ -491,7 +514,8 @@ def build_stats(model: nn.Module, layers: dict[str, nn.Module], graph: Graph, ac
             stats.values[(VALUE_KINDS[key.what], key.name)] = t.float()
     stats.unknown_ops = [(lay.name, graph.unknown[lay.name]) for lay in out if lay.name in graph.unknown]
     if Key("pbad") in host:
-        for (pname, p), l1 in zip(other_params(model, layers), host[Key("pbad")].tolist()):
+        for (pname, p), l1 in zip(other_params(model, layers) if others is None else others,
+                                  host[Key("pbad")].tolist()):
             if not math.isfinite(l1):
                 stats.nonfinite_params.append((pname, int((~torch.isfinite(local(p).detach())).sum())))
     return stats
@@ -557,15 +581,22 @@ def _extremes(host: dict[Key, torch.Tensor] | None, name: str, m: nn.Module) -> 
                     else 0.0, float(host[Key("gw", name)]))
 
 
-def _layer_stats(name, m, order, graph: Graph, acc: Accumulators, host) -> LayerStats:
+def _layer_stats(name, m, order, graph: Graph, acc: Accumulators, host, static: dict | None = None) -> LayerStats:
     w = main_weight(m)
     params = [p for p in m._parameters.values() if p is not None]
     transposed: bool | None = name in graph.transposed
-    fi, fo = fans(m, bool(transposed))
-    if name not in order and not layout_known(m):  # never ran: (out, in) or (in, out) was not observed
+    # what the module alone decides; fans also follow the weight's shape (`p.data = ...` can change it)
+    key = (name, transposed, tuple(w.shape) if w is not None else None)
+    info = static.get(key) if static is not None else None
+    if info is None:
+        info = (type(m).__name__, kind(m), parametrization(m), layout_known(m), fans(m, transposed))
+        if static is not None:
+            static[key] = info
+    type_name, kind_, param_, known, (fi, fo) = info
+    if name not in order and not known:  # never ran: (out, in) or (in, out) was not observed
         transposed = fi = fo = None
-    lay = LayerStats(name=name, type=type(m).__name__, kind=kind(m), index=order.get(name, -1),
-                     transposed=transposed, parametrization=parametrization(m),
+    lay = LayerStats(name=name, type=type_name, kind=kind_, index=order.get(name, -1),
+                     transposed=transposed, parametrization=param_,
                      calls=acc.calls.get(name, 0),
                      weight_shape=list(w.shape) if w is not None else [], fan_in=fi, fan_out=fo,
                      frozen=bool(params) and not any(p.requires_grad for p in params),
@@ -611,7 +642,7 @@ def _layer_stats(name, m, order, graph: Graph, acc: Accumulators, host) -> Layer
         lay.grad_q = mg.q()
     if Key("gw", name) in host:
         sumsq = float(host[Key("gw", name)])
-        tw = trained_weight(m)
+        tw = w if param_ is None else trained_weight(m)
         lay.weight_grad_rms = math.sqrt(sumsq / max(tw.numel() if tw is not None else w.numel(), 1))
         if lay.weight_rms:
             lay.weight_grad_ratio = lay.weight_grad_rms / lay.weight_rms

@@ -60,10 +60,22 @@ POWERS = {"pow", "square", "float_power"}
 STATISTIC_OPS = {"rsqrt", "sqrt", "reciprocal"}
 
 
+_NAMES: dict[Any, str] = {}  # a forward calls the same few functions again and again
+
+
 def function_name(func: Any) -> str:
     """A torch function's name with Python's dunder and in-place underscores stripped."""
-    name = getattr(func, "__name__", "") or ""
-    return name.strip("_")
+    try:
+        return _NAMES[func]
+    except (KeyError, TypeError):
+        pass
+    name = (getattr(func, "__name__", "") or "").strip("_")
+    if len(_NAMES) < 4096:  # torch's functions are a bounded set; anything else is named each time
+        try:
+            _NAMES[func] = name
+        except TypeError:
+            pass
+    return name
 
 
 def tensors(x: Any) -> Iterator[torch.Tensor]:
@@ -87,19 +99,22 @@ def first_tensor(x: Any) -> torch.Tensor | None:
     return None
 
 
+_NONE: tuple[frozenset[str], str | None] = (frozenset(), None)
+
+
 class Lineage:
     """Which weight layers a tensor derives from, and which nonlinearity produced it, by identity."""
 
     def __init__(self) -> None:
-        self._d: dict[int, tuple[weakref.ref, frozenset[str], str | None]] = {}
+        self._d: dict[int, tuple[weakref.ref, tuple[frozenset[str], str | None]]] = {}
 
     def get(self, t: Any) -> tuple[frozenset[str], str | None]:
-        if not isinstance(t, torch.Tensor):
-            return frozenset(), None
+        # by id alone: an entry leaves with its tensor (the weakref's callback), so a live entry's id
+        # is no other object's; the identity check guards against a callback not yet run
         e = self._d.get(id(t))
         if e is None or e[0]() is not t:
-            return frozenset(), None
-        return e[1], e[2]
+            return _NONE
+        return e[1]
 
     def set(self, t: Any, sources: frozenset[str], act: str | None) -> None:
         if not isinstance(t, torch.Tensor) or (not sources and act is None):
@@ -109,7 +124,7 @@ class Lineage:
             ref = weakref.ref(t, lambda _r, k=key, d=self._d: d.pop(k, None))
         except TypeError:
             return
-        self._d[key] = (ref, sources, act)
+        self._d[key] = (ref, (sources, act))
 
     def clear(self) -> None:
         self._d.clear()
@@ -208,9 +223,15 @@ class Graph:
         if name in IGNORED:
             return None, None
         up: frozenset[str] = frozenset()
-        for t in (*args, *kwargs.values()):
-            for u in (t if isinstance(t, (list, tuple)) else (t,)):
-                up |= self.upstream.get(u)[0]
+        get = self.upstream.get
+        for t in (*args, *kwargs.values()) if kwargs else args:
+            if isinstance(t, (list, tuple)):
+                for u in t:
+                    up |= get(u)[0]
+            else:
+                s = get(t)[0]
+                if s:
+                    up = up | s if up else s
         self._norm_input = None
         call = self._follow(name, args, kwargs, out, inner)
         norm = None
@@ -225,7 +246,7 @@ class Graph:
             for s in up:
                 self.next_norm.setdefault(s, norm.index)
         if up:
-            for t in tensors(out):
+            for t in (out,) if isinstance(out, torch.Tensor) else tensors(out):
                 if not self.upstream.get(t)[0]:
                     self.upstream.set(t, up, None)
         return call, norm

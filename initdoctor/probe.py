@@ -96,6 +96,7 @@ class Structure:
                 self.owners.setdefault(id(w), []).append(n)
         self.others = other_params(model, self.layers)
         self.norms = norm_layers(model, self.layers)
+        self.static: dict = {}  # build_stats' cache of what each layer's module alone decides
 
     @classmethod
     def of(cls, model: nn.Module) -> Structure:
@@ -352,7 +353,9 @@ class Recorder:
               backward: bool = True, symmetry: bool = True) -> ModelStats:
         """The second half of `finish`: `ModelStats` from the host copy (see `build_stats` for what
         it still reads from the live model)."""
-        return build_stats(self.model, self.layers, self.graph, self.acc, host, grads, backward, symmetry)
+        st = self.structure
+        return build_stats(self.model, self.layers, self.graph, self.acc, host, grads, backward, symmetry,
+                           others=st.others, norms=st.norms, static=st.static)
 
 
 # --- one examination ------------------------------------------------------------------------

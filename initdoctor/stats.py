@@ -98,13 +98,17 @@ class Sums:
 
     def moments(self) -> Moments:
         """Per-unit mean and centred sum of squares, float64 on the CPU."""
-        s1, s2 = _unscaled(self.s1.detach().cpu(), self.s2.detach().cpu(),
-                           None if self.scale is None else self.scale.detach().cpu())
-        k = self.k.detach().double().cpu() if self.k is not None else torch.zeros_like(s1)
+        s1, s2 = _unscaled(_host(self.s1), _host(self.s2), None if self.scale is None else _host(self.scale))
+        k = _double(_host(self.k)) if self.k is not None else torch.zeros_like(s1)
         d = s1 / self.n
         sq = s1 * d  # sum over samples of the mean deviation, squared, per unit
         m2 = s2 - (sq.sum().reshape(1) if s2.numel() != s1.numel() else sq)
         return Moments(self.n, k + d, m2.clamp_min(0.0))
+
+
+def _host(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach() if t.requires_grad else t
+    return t if t.device.type == "cpu" else t.cpu()
 
 
 def _prepare(t: torch.Tensor, unit_dim: int) -> tuple[torch.Tensor | None, int, list[int]]:
@@ -117,8 +121,12 @@ def _prepare(t: torch.Tensor, unit_dim: int) -> tuple[torch.Tensor | None, int, 
     return x, unit_dim % x.dim(), dims
 
 
+def _double(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.float64 else t.double()
+
+
 def _unscaled(s1: torch.Tensor, s2: torch.Tensor, scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    s1, s2 = s1.double(), s2.double()
+    s1, s2 = _double(s1), _double(s2)
     if scale is None:
         return s1, s2
     c = scale.double()

@@ -135,13 +135,16 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str, fsdp: bool = Fal
     try:
         torch.set_num_threads(1)
         if fsdp:
+            from torch.distributed.device_mesh import init_device_mesh
             from torch.distributed.fsdp import fully_shard
 
+            # a CPU mesh named outright: by default FSDP2 picks CUDA wherever it is present
+            mesh = init_device_mesh("cpu", (world,))
             model = tanh_mlp(3)
             for m in model:
                 if isinstance(m, nn.Linear):
-                    fully_shard(m)
-            fully_shard(model)
+                    fully_shard(m, mesh=mesh)
+            fully_shard(model, mesh=mesh)
         else:
             model = DDP(tanh_mlp(3))
         x = torch.randn(32, 32, generator=torch.Generator().manual_seed(5))
