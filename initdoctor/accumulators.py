@@ -633,13 +633,11 @@ def _layer_stats(name, m, order, graph: Graph, acc: Accumulators, host, static: 
     mo = _moments(host, "out", name)
     if mo.mean is not None and mo.n > 0:
         lay.units, lay.samples = mo.units, int(mo.n)
-        lay.output_nonfinite = mo.nonfinite_units()
-        lay.q, lay.signal = mo.q(), mo.var()
+        lay.output_nonfinite, lay.q, lay.signal = mo.summary()
         lay.r = lay.signal / lay.q if lay.q and math.isfinite(lay.q) and lay.q > 0 else None
     mg = _moments(host, "grad", name)
     if mg.mean is not None and mg.n > 0:
-        lay.grad_nonfinite = mg.nonfinite_units()
-        lay.grad_q = mg.q()
+        lay.grad_nonfinite, lay.grad_q, _ = mg.summary()
     if Key("gw", name) in host:
         sumsq = float(host[Key("gw", name)])
         tw = w if param_ is None else trained_weight(m)

@@ -100,10 +100,13 @@ class Sums:
         """Per-unit mean and centred sum of squares, float64 on the CPU."""
         s1, s2 = _unscaled(_host(self.s1), _host(self.s2), None if self.scale is None else _host(self.scale))
         k = _double(_host(self.k)) if self.k is not None else torch.zeros_like(s1)
-        d = s1 / self.n
-        sq = s1 * d  # sum over samples of the mean deviation, squared, per unit
-        m2 = s2 - (sq.sum().reshape(1) if s2.numel() != s1.numel() else sq)
-        return Moments(self.n, k + d, m2.clamp_min(0.0))
+        # m2 = s2 - s1^2 / n: the sum over samples of the mean deviation, squared, per unit (or pooled)
+        inv = 1.0 / self.n if self.n else math.nan
+        if s2.numel() != s1.numel():
+            m2 = s2 - torch.dot(s1, s1).reshape(1) * inv
+        else:
+            m2 = torch.addcmul(s2, s1, s1, value=-inv)
+        return Moments(self.n, torch.add(k, s1, alpha=inv), m2.clamp_min_(0.0))
 
 
 def _host(t: torch.Tensor) -> torch.Tensor:
@@ -220,6 +223,18 @@ class Moments:
     def var(self) -> float:
         """Per-unit variance over samples, averaged over units: the input-dependent signal."""
         return float(self.m2.sum()) / (max(self.n, 1.0) * max(self.units, 1))
+
+    def summary(self) -> tuple[int, float, float]:
+        """(non-finite units, q, var) in three reductions where every unit is finite (the usual
+        case), as `nonfinite_units()`, `q()` and `var()` give them one by one."""
+        m2sum = float(self.m2.sum())
+        msq = float(torch.dot(self.mean, self.mean))
+        if math.isfinite(m2sum) and math.isfinite(msq):
+            bad = 0  # float32 data cannot overflow these float64 sums: finite sums, finite entries
+        else:
+            bad = self.nonfinite_units()
+        var = m2sum / (max(self.n, 1.0) * max(self.units, 1))
+        return bad, var + msq / max(self.units, 1), var
 
     def nonfinite_units(self) -> int:
         bad = ~torch.isfinite(self.mean)
