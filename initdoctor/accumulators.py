@@ -204,14 +204,21 @@ def combine(items: list[tuple[Key, list[torch.Tensor]]]) -> Buffer:
 # --- what the hooks accumulate ----------------------------------------------------------------
 
 
+EXACT_COUNT = 1 << 24  # float32 counts up to this are exact
+
+
 def saturated(kind_: str, y: torch.Tensor, dims: list[int]) -> torch.Tensor:
-    """Per-unit count of outputs on a saturating nonlinearity's flat tails (int32: summing an int64
-    or float copy of the mask costs several times more)."""
+    """Per-unit count of outputs on a saturating nonlinearity's flat tails. The test writes 1.0/0.0
+    in place into a float copy, which is summed: a bool mask costs twice as much to make (scratch:
+    54 -> 23 µs for 128x512 on the CPU). float32 counts are exact below 2^24 samples per unit; more
+    go through an int32 sum of the mask."""
     if kind_ == "sigmoid":  # the tails are symmetric about 1/2: y < LO or y > HI = 1 - LO
-        mask = (y - 0.5).abs_() > 0.5 - T.SIGMOID_LO
+        far, bound = (y - 0.5).abs_(), 0.5 - T.SIGMOID_LO
     else:
-        mask = y.abs() > T.TANH_ABS
-    return mask.sum(dim=dims, dtype=torch.int32)
+        far, bound = y.abs(), T.TANH_ABS
+    if y.numel() // max(math.prod(y.shape[d] for d in range(y.dim()) if d not in dims), 1) >= EXACT_COUNT:
+        return (far > bound).sum(dim=dims, dtype=torch.int32)
+    return far.gt_(bound).sum(dim=dims)
 
 
 def _add(table: dict[str, Sums], name: str, t: torch.Tensor, ud: int, pooled: bool) -> None:

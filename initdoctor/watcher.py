@@ -257,7 +257,8 @@ class Watch:
 
     def _arm(self) -> None:
         if self._rec is None:
-            keep = HISTOGRAM_VALUES if self.histograms else 0
+            # values for histograms: only where something will draw them
+            keep = HISTOGRAM_VALUES if self.histograms and self.writer is not None and self._is_writer_rank() else 0
             if self.compiled is None:
                 if self._structure is None or not self._structure.matches(self.model):
                     self._structure = Structure(self.model)  # read again when modules or parameters change

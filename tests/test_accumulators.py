@@ -165,3 +165,24 @@ def test_two_halves_combined_give_the_statistics_of_the_whole_batch():
     for a1, a2 in zip(one.activations, two.activations):
         for attr in measured[a1.kind]:
             assert getattr(a2, attr) == pytest.approx(getattr(a1, attr), rel=1e-6), (a1.name, attr)
+
+
+@pytest.mark.parametrize("kind", ["sigmoid", "tanh"])
+@pytest.mark.parametrize("exact", [True, False], ids=["float-count", "int32-count"])
+def test_saturated_counts_each_unit_on_both_paths(kind, exact, monkeypatch):
+    from initdoctor import accumulators
+    from initdoctor import thresholds as T
+
+    if not exact:  # the int32 path, taken beyond 2^24 samples per unit, on a small tensor
+        monkeypatch.setattr(accumulators, "EXACT_COUNT", 4)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 3, 5, generator=g) * torch.tensor([0.1, 3.0, 30.0]).reshape(1, 3, 1)
+    y = torch.sigmoid(x) if kind == "sigmoid" else torch.tanh(x)
+    y[0, 2, 0] = float("nan")  # not counted as saturated
+    before = y.clone()
+    got = accumulators.saturated(kind, y, [0, 2])
+    tail = ((y < T.SIGMOID_LO) | (y > 1 - T.SIGMOID_LO)) if kind == "sigmoid" else (y.abs() > T.TANH_ABS)
+    want = tail.sum(dim=[0, 2])
+    assert got.tolist() == want.tolist()
+    assert want[0] == 0 and want[2] > 200  # a unit near zero and a saturated one
+    assert torch.equal(y.nan_to_num(), before.nan_to_num())  # the caller's tensor is left alone
