@@ -447,8 +447,8 @@ def main() -> None:
             f"{' --more' if args.more else ''}{' --large' if args.large else ''}` ({total:.0f} s).",
             "Each cell: the median over blocks of the block's total step time divided by the no-monitor "
             "twin's over the same rounds, and a 95% bootstrap interval of that median. *process CPU* counts "
-            "every thread of the process during the twin's steps: a worker thread's work lands on whichever "
-            "twin steps meanwhile, so it is shown but not relied on; *training-thread CPU*: only the thread "
+            "every thread of the process during the twin's steps (its worker's too: each twin's run of steps "
+            "ends by waiting for its worker); *training-thread CPU*: only the thread "
             "that trains (`time.thread_time`); *training + worker CPU*: that plus the CPU clock of the "
             "monitor's own worker thread over the block, the whole cost of the monitor; the second no-monitor twin shows how well the run resolves a "
             "ratio. Verdicts on wall time: met when the whole interval is under the target, missed when it "

@@ -82,15 +82,23 @@ function findingsView(d) {
   if (!list.length) box.append(el('p', {class: 'none'}, 'No findings: nothing to fix.'));
   const plan = Object.fromEntries((d.plan || []).map((p) => [p.layer, p]));
   for (const f of list) {
-    const fixes = f.layers.map((n) => plan[n]).filter((p) => p && p.scheme !== 'keep')
+    const planned = f.layers.map((n) => plan[n]).filter(Boolean);
+    const fixes = planned.filter((p) => p.scheme !== 'keep')
       .map((p) => `${p.layer}: ${p.scheme}${p.gain !== 1 ? ` gain ${fmt(p.gain)}` : ''}, ${p.mode}`);
+    // every layer it names is one the plan keeps on purpose: say so, not the code's generic fix
+    const kept = planned.length === f.layers.length && planned.length > 0 && !fixes.length;
     const item = el('div', {class: `finding ${f.severity}`, 'data-code': f.code, title: 'show the rule page',
                             onclick: () => explain(f.code)},
       el('div', {class: 'head'}, el('span', {class: `sev ${f.severity}`}, f.severity),
          el('b', {}, ` ${f.code} `), el('span', {class: 'name'}, f.name)),
       el('div', {class: 'layers'}, 'layers: ', el('code', {}, f.layers.join(', ') || '(model)')),
       el('div', {class: 'message'}, f.message));
-    if (FIXES[f.code]) item.append(el('div', {class: 'fix'}, 'fix: ', FIXES[f.code]));
+    if (kept) {
+      item.append(el('div', {class: 'fix kept'}, 'plan: keep — ', planned[0].reason +
+                     (planned.length > 1 ? ` (${planned[0].layer} and ${planned.length - 1} more)` : '')));
+    } else if (FIXES[f.code]) {
+      item.append(el('div', {class: 'fix'}, 'fix: ', FIXES[f.code]));
+    }
     if (fixes.length) item.append(el('div', {class: 'fix'}, 'plan: ', fixes.slice(0, 4).join('; ') +
                                      (fixes.length > 4 ? ` (+${fixes.length - 4} more)` : '')));
     box.append(item);
