@@ -79,7 +79,7 @@ def bootstrap(xs: list[float], n: int = 2000) -> tuple[float, float]:
 
 
 def train_step(task, twin, batch, settle: bool = False) -> float:
-    model, opt, doctor, _ = twin
+    model, opt, doctor, _, wait = twin
     x, y = batch
 
     def run():
@@ -88,7 +88,7 @@ def train_step(task, twin, batch, settle: bool = False) -> float:
         loss.backward()
         opt.step()
         if doctor is not None:
-            doctor.step(wait=False)
+            doctor.step(wait=wait)
             if settle:
                 doctor.wait()
     return timed(run)
@@ -100,15 +100,16 @@ def watch_rows(rounds: int, block: int, dev: str) -> list[list[str]]:
         torch.manual_seed(0)
         base = task.build().to(dev)
         batches = [tuple(t.to(dev) for t in task.batch()) for _ in range(8)]
-        names = ["none", "none (second twin)"] + [f"every={e}" for e in WATCH_TARGETS]
+        names = ["none", "none (second twin)"] + [f"every={e}, wait=False" for e in WATCH_TARGETS] + [
+            f"every={e}, step()" for e in (1, 10)]
         twins = {}
         for name in names:
             model = copy.deepcopy(base)
             opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
             doctor = None
             if name.startswith("every="):
-                doctor = initdoctor.watch(model, every=int(name.split("=")[1]), warn=False).__enter__()
-            twins[name] = (model, opt, doctor, [])
+                doctor = initdoctor.watch(model, every=_every(name), warn=False).__enter__()
+            twins[name] = (model, opt, doctor, [], name.endswith("step()"))
 
         for i in range(10):  # warm-up
             for name in names:
@@ -121,7 +122,7 @@ def watch_rows(rounds: int, block: int, dev: str) -> list[list[str]]:
                 for i in range(i0, i0 + RUN):
                     twins[name][3].append(train_step(task, twins[name], batches[i % len(batches)],
                                                      settle=i == i0 + RUN - 1))
-        for _, _, doctor, _ in twins.values():
+        for _, _, doctor, _, _ in twins.values():
             if doctor is not None:
                 doctor.close()
         ref = twins["none"][3]
@@ -130,10 +131,14 @@ def watch_rows(rounds: int, block: int, dev: str) -> list[list[str]]:
             ts = twins[name][3]
             ratios = [sum(ts[b:b + block]) / sum(ref[b:b + block]) for b in range(0, len(ts) - block + 1, block)]
             lo, hi = bootstrap(ratios)
-            target = WATCH_TARGETS.get(int(name.split("=")[1])) if name.startswith("every=") else None
+            target = WATCH_TARGETS.get(_every(name)) if name.startswith("every=") else None
             rows.append([task.name, name, f"{bare_ms:.2f}", f"{statistics.median(ratios):.3f}", f"{lo:.3f}–{hi:.3f}",
                          "" if target is None else f"≤ {target}"])
     return rows
+
+
+def _every(name: str) -> int:
+    return int(name.split("=")[1].split(",")[0])
 
 
 def main() -> int:
@@ -144,6 +149,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, help="also write the tables to this file")
     ap.add_argument("--write", action="store_true", help="update docs/performance.md")
     ap.add_argument("--device", default="cuda", help="cpu: a quick run of the script itself")
+    ap.add_argument("--watch-only", action="store_true", help="leave out the check table")
     args = ap.parse_args()
     dev = args.device
     if dev == "cuda" and not torch.cuda.is_available():
@@ -154,13 +160,14 @@ def main() -> int:
     name = torch.cuda.get_device_name(0) if dev == "cuda" else "CPU"
     head = (f"Measured on {name} (CUDA {torch.version.cuda}); host: {machine()}; "
             f"`python benchmarks/gpu_cost.py --reps {args.reps} --rounds {args.rounds}`")
-    check = table(["model", "bare ms", "check ms", "ratio (median of pairs)", "within 2x"], check_rows(args.reps, dev))
+    check = "" if args.watch_only else table(["model", "bare ms", "check ms", "ratio (median of pairs)", "within 2x"],
+                                              check_rows(args.reps, dev))
     print(check, flush=True)
     watch = table(["model", "monitor", "bare step ms", "median block ratio", "95% interval", "target"],
                   watch_rows(args.rounds, args.block, dev))
     print(watch, flush=True)
     text = (f"{head} ({time.perf_counter() - t0:.0f} s).\n\n### check on the GPU\n\n{check}\n\n"
-            f"### watch on the GPU (step(wait=False))\n\n{watch}\n")
+            f"### watch on the GPU\n\n{watch}\n")
     if args.out:
         args.out.write_text(text)
     if args.write:

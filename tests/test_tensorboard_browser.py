@@ -188,3 +188,34 @@ def test_table_sorts_and_a_finding_opens_its_rule_page(tab):
     panel.locator("pre.page").wait_for()
     text = panel.inner_text()
     assert "ID203 vanishing-gradients" in text and "What it does" in text
+
+
+def test_a_finding_whose_layers_the_plan_keeps_says_keep_not_fix(tmp_path, browser):
+    # a GPT drawn at its own std 0.02: ID501 notes the MLP layers (He would be 0.088), and the plan
+    # keeps all of them as the model's deliberate scale; the tab must say so, not "fix: ..."
+    import torch
+
+    import initdoctor
+    from initdoctor.report.tensorboard import write_diagnosis
+    from tests.models.zoo import GPT
+
+    torch.manual_seed(0)
+    diag = initdoctor.check(GPT(), torch.randint(0, 100, (4, 16)))
+    note = next(f for f in diag.findings if f.code == "ID501")
+    plan = {p.layer: p for p in diag.plan}
+    assert note.layers and all(plan[n].scheme == "keep" for n in note.layers)
+    write_diagnosis(diag, str(tmp_path / "runs"))
+    with serve(tmp_path / "runs", runs=1) as url:
+        page = browser.new_page(viewport={"width": 1500, "height": 1100})
+        try:
+            page.goto(f"{url}/?darkMode=false#initdoctor")
+            frame = page.frame_locator("iframe")
+            frame.locator("body[data-ready=true]").wait_for(timeout=60_000)
+            item = frame.locator('.finding[data-code="ID501"]')
+            text = item.inner_text()
+            assert "plan: keep — " + plan[note.layers[0]].reason in text
+            assert f"{note.layers[0]} and {len(note.layers) - 1} more" in text
+            assert "fix:" not in text  # (a finding with layers to re-draw keeps it: the sick run above)
+            _screenshot(item, "tensorboard-kept.png")
+        finally:
+            page.close()
