@@ -257,8 +257,10 @@ class Watch:
 
     def _arm(self) -> None:
         if self._rec is None:
-            # values for histograms: only where something will draw them
-            keep = HISTOGRAM_VALUES if self.histograms and self.writer is not None and self._is_writer_rank() else 0
+            # values for histograms: only where something will draw them; under DDP on every rank
+            # alike, since the ranks' buffers must have one layout (rank 0's values are the ones kept)
+            draws = self.writer is not None or distributed.active(self.group)
+            keep = HISTOGRAM_VALUES if self.histograms and draws else 0
             if self.compiled is None:
                 if self._structure is None or not self._structure.matches(self.model):
                     self._structure = Structure(self.model)  # read again when modules or parameters change

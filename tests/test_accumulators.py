@@ -186,3 +186,91 @@ def test_saturated_counts_each_unit_on_both_paths(kind, exact, monkeypatch):
     assert got.tolist() == want.tolist()
     assert want[0] == 0 and want[2] > 200  # a unit near zero and a saturated one
     assert torch.equal(y.nan_to_num(), before.nan_to_num())  # the caller's tensor is left alone
+
+
+def test_unshifted_sums_used_on_accelerators_agree_with_the_shifted_ones():
+    # accelerators take raw float64 sums (three kernels, no shift) for float32 data: forced here
+    gen = torch.Generator().manual_seed(3)
+    sigmoid_like = (0.5 + 1e-4 * torch.randn(256, 3, generator=gen)).float()  # mean 0.5, var 1e-8
+    base = torch.randn(64, 8, generator=gen)
+    cases = [sigmoid_like] + [base * f + 0.5 * f for f in (1e30, 1e-30, 1.0)]  # squares beyond float32
+    for x in cases:
+        ref = x.double()
+        for pooled in (True, False):
+            raw = Sums.over(x, 1, pooled=pooled, shift=False)
+            assert raw.k is None and raw.s1.dtype == torch.float64
+            m = raw.moments()
+            assert m.q() == pytest.approx(float(ref.square().mean()), rel=1e-6)
+            assert m.var() == pytest.approx(float(ref.var(0, unbiased=False).mean()), rel=1e-5)
+            torch.testing.assert_close(m.mean, ref.mean(0), rtol=1e-9, atol=0)
+            if not pooled:
+                torch.testing.assert_close(m.var_units(), ref.var(0, unbiased=False), rtol=1e-5, atol=0)
+    # a later call adds without a shift too; conv-shaped units; NaN and Inf counted per unit
+    x = torch.randn(30, 4, 6, 5, generator=gen) + 3.0
+    s = Sums.over(x[:10], 1, shift=False)
+    s.add(x[10:], 1)
+    whole = Moments.of(x.movedim(1, -1).reshape(-1, 4).double())
+    got = s.moments()
+    assert got.n == 30 * 6 * 5
+    torch.testing.assert_close(got.mean, whole.mean, rtol=1e-9, atol=0)
+    assert got.var() == pytest.approx(whole.var(), rel=1e-9)
+    bad = base.clone()
+    bad[5, 2] = float("nan")
+    bad[0, 6] = float("-inf")
+    assert Sums.over(bad, 1, shift=False).moments().nonfinite_units() == 2
+    # and through the buffer, across ranks: no shift travels, and the merge is Chan's as before
+    halves = [Sums.over(x[:15].movedim(1, -1).reshape(-1, 4), 1, shift=False),
+              Sums.over(x[15:].movedim(1, -1).reshape(-1, 4), 1, shift=False)]
+    items = [(Key("out", "l", p), [torch.tensor([h.n], dtype=torch.float64) if p == "n" else getattr(h, p)
+                                   for h in halves]) for p in ("n", "s1", "s2")]
+    merged = {k: v for k, v in combine(items)}
+    m = Sums(float(merged[Key("out", "l", "n")][0]), merged[Key("out", "l", "s1")], merged[Key("out", "l", "s2")],
+             merged[Key("out", "l", "k")]).moments()
+    torch.testing.assert_close(m.mean, whole.mean, rtol=1e-9, atol=0)
+    assert m.var() == pytest.approx(whole.var(), rel=1e-9)
+
+
+def test_sums_of_squares_by_foreach_equal_one_dot_each():
+    from initdoctor.accumulators import sums_of_squares
+
+    gen = torch.Generator().manual_seed(4)
+    items = [(Key("w", str(i), "s2"), torch.randn(n, generator=gen) * s)
+             for i, (n, s) in enumerate([(5, 1.0), (4096, 0.02), (1, 3.0), (300, 1e-3)])]
+    items.append((Key("b", "x", "s2"), torch.randn(7, generator=gen).double()))  # another dtype: its own group
+    dots = dict(sums_of_squares(items, foreach=False))
+    grouped = dict(sums_of_squares(items, foreach=True))
+    assert set(grouped) == set(dots) == {k for k, _ in items}
+    for key, t in items:
+        want = float(t.double().square().sum())
+        assert float(dots[key]) == pytest.approx(want, rel=1e-5)
+        assert float(grouped[key]) == pytest.approx(want, rel=1e-5)
+        assert grouped[key].dtype == t.dtype
+
+
+def test_check_on_the_accelerator_paths_forced_on_the_cpu_gives_the_same_statistics(tiny, monkeypatch):
+    # what a GPU runs (raw float64 sums, grouped sums of squares), against the CPU's own paths
+    import initdoctor
+    from initdoctor import accumulators
+    from initdoctor.stats import Sums as S
+
+    model = tiny.mlp(3, 32, "tanh", init="xavier")
+    x = torch.randn(64, 32)
+    want = {lay.name: lay for lay in initdoctor.check(model, x).stats.layers}
+    over, squares, used = S.over, accumulators.sums_of_squares, []
+
+    def raw(t, ud, *, pooled=True, shift=None):
+        used.append("raw")
+        return over(t, ud, pooled=pooled, shift=False)
+
+    def grouped(items, foreach=None):
+        used.append("foreach")
+        return squares(items, True)
+    monkeypatch.setattr(S, "over", staticmethod(raw))
+    monkeypatch.setattr(accumulators, "sums_of_squares", grouped)
+    got = initdoctor.check(model, x).stats.layers
+    assert used.count("raw") >= 8 and used.count("foreach") == 1  # outputs and gradients; one buffer
+    assert len(got) == len(want) == 4
+    for lay in got:
+        ref = want[lay.name]
+        for field in ("q", "signal", "grad_q", "weight_std", "weight_rms", "weight_grad_rms", "bias_std"):
+            assert getattr(lay, field) == pytest.approx(getattr(ref, field), rel=1e-5), (lay.name, field)
