@@ -52,8 +52,8 @@ class Sums:
     copy, whose freshly mapped pages cost more than the arithmetic there; per-unit sums of squares
     are always taken so. Small CPU tensors, where each kernel's fixed cost counts, take a pooled sum
     as one float64 norm. On accelerators, where kernel launches are the cost, float32 (or narrower)
-    data are summed raw in float64 with no shift at all (`_raw`: three kernels; `k` is None). Later calls of the same
-    module add up under the first call's shift (in float64); `moments()` turns the sums into per-unit
+    data are summed raw in float64 with no shift at all (`_raw`: three kernels; `k` is None). Later
+    calls of the same module add up under the first call's shift, or unshifted (in float64); `moments()` turns the sums into per-unit
     means and centred sums of squares in float64 on the host.
     """
 
@@ -252,7 +252,7 @@ class Moments:
         m2sum = float(self.m2.sum())
         msq = float(torch.dot(self.mean, self.mean))
         if math.isfinite(m2sum) and math.isfinite(msq):
-            bad = 0  # float32 data cannot overflow these float64 sums: finite sums, finite entries
+            bad = 0  # sums of non-negative terms are finite only if every term is; else count them
         else:
             bad = self.nonfinite_units()
         var = m2sum / (max(self.n, 1.0) * max(self.units, 1))
