@@ -7,6 +7,7 @@ INITDOCTOR_SCREENSHOTS=docs/img makes it save the screenshots that docs/tensorbo
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -196,7 +197,7 @@ def test_a_finding_whose_layers_the_plan_keeps_says_keep_not_fix(tmp_path, brows
     import torch
 
     import initdoctor
-    from initdoctor.report.tensorboard import write_diagnosis
+    from initdoctor.report.tensorboard import RunWriter, open_writer, write_diagnosis
     from tests.models.zoo import GPT
 
     torch.manual_seed(0)
@@ -205,13 +206,19 @@ def test_a_finding_whose_layers_the_plan_keeps_says_keep_not_fix(tmp_path, brows
     plan = {p.layer: p for p in diag.plan}
     assert note.layers and all(plan[n].scheme == "keep" for n in note.layers)
     write_diagnosis(diag, str(tmp_path / "runs"))
-    with serve(tmp_path / "runs", runs=1) as url:
+    # the same note from a watch, which computes no plan: no advice under it either
+    writer = open_writer(str(tmp_path / "runs" / "watch"))
+    RunWriter(writer, source="watch").write(dataclasses.replace(diag, plan=[]), 0)
+    writer.close()
+    with serve(tmp_path / "runs", runs=2) as url:
         page = browser.new_page(viewport={"width": 1500, "height": 1100})
         try:
             page.goto(f"{url}/?darkMode=false#initdoctor")
             frame = page.frame_locator("iframe")
             frame.locator("body[data-ready=true]").wait_for(timeout=60_000)
-            item = frame.locator('.finding[data-code="ID501"]')
+            watched = frame.locator('.run[data-run="watch"] .finding[data-code="ID501"]').inner_text()
+            assert "fix:" not in watched and "plan:" not in watched
+            item = frame.locator('.run:not([data-run="watch"]) .finding[data-code="ID501"]')
             text = item.inner_text()
             assert "plan: keep — " + plan[note.layers[0]].reason in text
             assert f"{note.layers[0]} and {len(note.layers) - 1} more" in text

@@ -96,7 +96,8 @@ function findingsView(d) {
     if (kept) {
       item.append(el('div', {class: 'fix kept'}, 'plan: keep — ', planned[0].reason +
                      (planned.length > 1 ? ` (${planned[0].layer} and ${planned.length - 1} more)` : '')));
-    } else if (FIXES[f.code]) {
+    } else if (FIXES[f.code] && (f.severity !== 'info' || fixes.length)) {
+      // a note (info) is no problem to fix unless the plan re-draws its layers: no generic advice
       item.append(el('div', {class: 'fix'}, 'fix: ', FIXES[f.code]));
     }
     if (fixes.length) item.append(el('div', {class: 'fix'}, 'plan: ', fixes.slice(0, 4).join('; ') +
