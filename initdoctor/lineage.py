@@ -296,9 +296,13 @@ class Graph:
             if isinstance(x, torch.Tensor) and isinstance(out, torch.Tensor):
                 if name in ("add", "iadd", "radd") and len(args) > 1 and (srcs or act):
                     other = self.lineage.get(args[1])
-                    if (other[0] or other[1]) and isinstance(args[1], torch.Tensor) and args[1].shape == x.shape:
+                    # x + c x^3 (GELU), q cos + rot(q) sin (RoPE): one layer's signal added to a function
+                    # of itself, no skip connection
+                    one = bool(srcs) and srcs == other[0]
+                    if (other[0] or other[1]) and isinstance(args[1], torch.Tensor) and args[1].shape == x.shape \
+                            and not one:
                         self.residual_adds += 1  # two signals of the network meet: a skip connection
-                        if srcs != other[0]:  # not x + c x^3 (GELU), q cos + rot(q) sin (RoPE)
+                        if srcs != other[0]:
                             self.residual_writers.update(srcs ^ other[0])  # the stream's and the branch's
                 for t in args[1:]:
                     s2, a2 = self.lineage.get(t)

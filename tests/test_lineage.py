@@ -52,6 +52,13 @@ def test_norms_residuals_and_unknown_consumers():
     assert "a" in g.normalized
     g.on_function("add", (yb, yc), {}, yb + yc, inner=None)
     assert g.residual_adds == 1
+    # one signal added to a function of itself is no skip connection: GELU's x + c x^3, RoPE's rotation
+    cube = torch.pow(yb, 3.0)
+    g.on_function("pow", (yb, 3.0), {}, cube, inner=None)
+    scaled = cube * 0.044715
+    g.on_function("mul", (cube, 0.044715), {}, scaled, inner=None)
+    g.on_function("add", (yb, scaled), {}, yb + scaled, inner=None)
+    assert g.residual_adds == 1 and g.residual_writers == {"b", "c"}
     g.on_function("cumsum", (yc, 0), {}, yc.cumsum(0), inner=None)
     assert g.unknown == {"c": "cumsum"} and g.follows["c"].kind == "unknown"
 

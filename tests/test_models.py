@@ -6,6 +6,7 @@ import collections
 import copy
 import dataclasses
 import json
+import math
 import pickle
 
 import numpy as np
@@ -325,3 +326,18 @@ def test_deep_plain_stack_is_named_and_skips_or_norms_silence_it():
     normed = nn.Sequential(*[m for _ in range(32) for m in (nn.Linear(16, 16), nn.LayerNorm(16), nn.ReLU())])
     assert "ID907" not in {f.code for f in initdoctor.check(normed, x).findings}
     assert initdoctor.check(ResNet(), torch.randn(4, 3, 16, 16)).stats.residual_adds == 4
+
+
+class _NewGELU(nn.Module):
+    """Hugging Face's GPT-2 activation, written out: it adds x to a multiple of x^3."""
+
+    def forward(self, x):
+        return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+def test_a_plain_stack_whose_activation_adds_x_to_itself_is_still_plain():
+    # x + 0.044715 x^3 adds one signal to a function of itself: no skip connection (it once counted 32)
+    plain = nn.Sequential(*[m for _ in range(32) for m in (nn.Linear(16, 16), _NewGELU())])
+    d = initdoctor.check(plain, torch.randn(32, 16))
+    assert d.stats.residual_adds == 0
+    assert [f.evidence["depth"] for f in d.findings if f.code == "ID907"] == [32]
