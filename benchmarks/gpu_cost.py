@@ -7,8 +7,10 @@
 Times are wall clock with `torch.cuda.synchronize()` closing every timed call (a training loop
 synchronizes at least once a step, when it reads its loss). check: one `initdoctor.check` against
 one bare forward+backward, alternating. watch: twins of each model take runs of 10 consecutive
-steps in a new random order, each run ending with the wait for its worker, as in watch_overhead.py; per block of 100 rounds, a twin's step time over the
-no-monitor twin's is one ratio; the table gives the median ratio and a 95% bootstrap interval.
+steps in a new random order, each run ending with the wait for its worker, as in watch_overhead.py;
+per block of 100 rounds, a twin's step time over the no-monitor twin's is one ratio; the table gives
+the median ratio and a 95% bootstrap interval. `wait=False` rows step with `step(wait=False)`,
+`step()` rows build and judge each sample on the training thread.
 """
 
 from __future__ import annotations
