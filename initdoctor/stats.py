@@ -240,23 +240,19 @@ class Moments:
 
     def q(self) -> float:
         """Second moment mean(y^2) = mean over units of (var + mean^2)."""
-        return self.var() + float(self.mean.square().mean())
+        return self.summary()[1]
 
     def var(self) -> float:
         """Per-unit variance over samples, averaged over units: the input-dependent signal."""
         return float(self.m2.sum()) / (max(self.n, 1.0) * max(self.units, 1))
 
     def summary(self) -> tuple[int, float, float]:
-        """(non-finite units, q, var) in three reductions where every unit is finite (the usual
-        case), as `nonfinite_units()`, `q()` and `var()` give them one by one."""
-        m2sum = float(self.m2.sum())
-        msq = float(torch.dot(self.mean, self.mean))
-        if math.isfinite(m2sum) and math.isfinite(msq):
-            bad = 0  # sums of non-negative terms are finite only if every term is; else count them
-        else:
-            bad = self.nonfinite_units()
-        var = m2sum / (max(self.n, 1.0) * max(self.units, 1))
-        return bad, var + msq / max(self.units, 1), var
+        """(non-finite units, q, var): the count needs no pass of its own where every unit is finite."""
+        var = self.var()
+        msq = float(torch.dot(self.mean, self.mean)) / max(self.units, 1)
+        # sums of non-negative terms are finite only if every term is; else count them
+        bad = 0 if math.isfinite(var) and math.isfinite(msq) else self.nonfinite_units()
+        return bad, var + msq, var
 
     def nonfinite_units(self) -> int:
         bad = ~torch.isfinite(self.mean)
