@@ -221,6 +221,17 @@ def saturated(kind_: str, y: torch.Tensor, dims: list[int]) -> torch.Tensor:
     return far.gt_(bound).sum(dim=dims)
 
 
+def nonfinite_count(t: torch.Tensor) -> torch.Tensor:
+    """How many entries of a floating tensor are NaN or Inf, as a float32 (exact below 2^24 entries) or
+    int64 count. x - x is 0 exactly where x is finite: the test writes 1.0/0.0 in place into that copy,
+    which is summed (`isfinite` and its negated mask cost 4-8x as much on the CPU: 233 -> 30 µs for
+    8x32x500, scratch)."""
+    d = t - t
+    if d.numel() >= EXACT_COUNT:
+        return torch.count_nonzero(d)
+    return d.ne_(0).sum(dtype=torch.float32)
+
+
 def _add(table: dict[str, Sums], name: str, t: torch.Tensor, ud: int, pooled: bool) -> None:
     """A layer's output (per unit) or gradient (pooled over units); later calls add up."""
     if name in table:
@@ -307,7 +318,7 @@ class Accumulators:
 
     def model_output(self, t: torch.Tensor) -> None:
         if t.is_floating_point():
-            self.out_bad.append((~torch.isfinite(t.detach())).sum().reshape(1))
+            self.out_bad.append(nonfinite_count(t.detach()).reshape(1))
 
     def _acc(self, record: str, kind_: str, layer: str | None, module: str, gate: str | None = None) -> ActAcc:
         acc = self.acts.get(record)
@@ -425,7 +436,7 @@ class Accumulators:
                 items.append((Key("gvalues", name), g))
         if self.out_bad:
             bad = self.out_bad[0] if len(self.out_bad) == 1 else torch.cat(
-                [t.to(self.out_bad[0].device) for t in self.out_bad]).sum(0, True)
+                [t.to(self.out_bad[0].device, torch.float64) for t in self.out_bad]).sum(0, True)
             items.append((Key("outbad"), bad))
         others = other_params(model, layers) if others is None else others
         if others:  # sum |p|: not finite exactly when p holds a NaN or Inf (counted on the host then)
