@@ -415,27 +415,43 @@ def _screen(items: list[tuple]) -> list[bool]:
     rows0 = items[0][1]
     n, fan = rows0.w.shape
     v = _directions(fan, 3, rows0.w)
-    vw, vb = v[:fan], v[-1]
-    proj, g1, lo, hi, bmax, gnorm = [], [], [], [], [], []
-    for _, rows, grows, _, *rest in items:
-        known = rest[0] if rest else None
-        proj.append(rows.project(v))
-        g1.append(grows.w @ vw[:, 0] if grows.b is None else torch.addmv(grows.b * vb[0], grows.w, vw[:, 0]))
-        gb2 = torch.dot(grows.b, grows.b) if grows.b is not None else None
-        if known is not None:
-            lo.append(torch.tensor(known.lo, device=v.device))
-            hi.append(torch.tensor(known.hi, device=v.device))
-            bmax.append(torch.tensor(math.sqrt(max(known.bias_sumsq, 0.0)), device=v.device))
-            g2 = torch.tensor(known.grad_sumsq, device=v.device)
+    vt = v[:fan].t().contiguous()  # (3, fan): the projections as (v^T W^T), see Rows.project
+    vw0 = vt[0].contiguous()
+    # per layer only the two products; biases, extremes and norms are gathered and combined at once
+    # (a deep stack of small layers spends its time in per-call overhead here)
+    proj, g1, biases, gbiases, known, unknown = [], [], [], [], [], []
+    for i, (_, rows, grows, _, *rest) in enumerate(items):
+        proj.append(vt @ rows.w.t())
+        g1.append(grows.w @ vw0)
+        biases.append(rows.b)
+        gbiases.append(grows.b)
+        k = rest[0] if rest else None
+        if k is not None:
+            known.append((k.lo, k.hi, math.sqrt(max(k.bias_sumsq, 0.0)), k.grad_sumsq))
         else:
-            a, b = torch.aminmax(rows.w)
-            lo.append(a)
-            hi.append(b)
-            bmax.append(rows.b.abs().amax() if rows.b is not None else torch.zeros((), device=v.device))
-            g2 = torch.dot(grows.w.reshape(-1), grows.w.reshape(-1))
-        gnorm.append(torch.sqrt(g2 + gb2) if gb2 is not None else torch.sqrt(g2))
-    proj, g1 = torch.stack(proj), torch.stack(g1)
-    lo, hi, bmax, gnorm = (torch.stack([t.to(proj.dtype) for t in ts]) for ts in (lo, hi, bmax, gnorm))
+            known.append(None)
+            unknown.append(i)
+    proj, g1 = torch.stack(proj), torch.stack(g1)  # (L, 3, n), (L, n)
+    # all or none: the items of one screen share their shapes and whether they have biases
+    if biases[0] is not None:
+        proj += v[-1][None, :, None] * torch.stack(biases)[:, None, :]
+    proj = proj.transpose(1, 2)  # (L, n, 3)
+    gb2 = None
+    if gbiases[0] is not None:
+        gb = torch.stack(gbiases)  # (L, n)
+        g1 += v[-1][0] * gb
+        gb2 = (gb * gb).sum(1)
+    facts = torch.tensor([k if k is not None else (0.0, 0.0, 0.0, 0.0) for k in known],
+                         dtype=torch.float64).to(device=v.device, dtype=proj.dtype)
+    lo, hi, bmax, g2 = facts.unbind(1)
+    if unknown:  # extremes and norms not in the host copy: one more read of those tensors
+        lo, hi, bmax, g2 = lo.clone(), hi.clone(), bmax.clone(), g2.clone()
+        for i in unknown:
+            rows, grows = items[i][1], items[i][2]
+            lo[i], hi[i] = torch.aminmax(rows.w)
+            bmax[i] = rows.b.abs().amax() if rows.b is not None else 0.0
+            g2[i] = torch.dot(grows.w.reshape(-1), grows.w.reshape(-1))
+    gnorm = torch.sqrt(g2 + gb2) if gb2 is not None else torch.sqrt(g2)
     wmax = torch.maximum(lo.abs(), hi.abs())
     tol = tol_rel * math.sqrt(fan + 1) * torch.maximum(wmax, bmax)  # (L,)
     finite = torch.isfinite(lo) & torch.isfinite(hi) & torch.isfinite(tol)
