@@ -40,6 +40,7 @@ from torch.nn import functional as F
 
 import initdoctor
 from initdoctor import watcher
+from initdoctor.probe import Recorder, Structure
 from initdoctor.watcher import InitDoctorWarning
 
 TARGET = 0.01  # watch(every=100) within 1% of no monitor (DESIGN.md section 5)
@@ -163,6 +164,26 @@ class Watch(Monitor):
         self.doctor.close()
 
 
+class Floor(Monitor):
+    """initdoctor's own reductions alone, every step: the hooks' sums, the weights' and gradients'
+    sums and the one host copy (`Recorder.host_copy`), as a sampled step of `watch` takes them, with
+    no statistics built and no rules run. What a sampled step costs at least with today's
+    statistics, wherever the rest of its work runs."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.structure = Structure(model)
+        self.rec = Recorder(model, structure=self.structure).__enter__()
+
+    def after(self, model, step, loss):
+        self.rec.close()
+        grads = {id(p): p.grad for p in model.parameters() if p.grad is not None}
+        self.rec.host_copy(grads or None)
+        self.rec = Recorder(model, structure=self.structure).__enter__()
+
+    def close(self):
+        self.rec.close()
+
+
 class HandHooks(Monitor):
     """What people write by hand: a forward hook on every module logging its output's std."""
 
@@ -251,6 +272,7 @@ def variants(more: bool, large: bool = False) -> list[Variant]:
         Variant("watch every=1, step(wait=False)", lambda m, d: Watch(m, 1, None, wait=False), 1.15),
         Variant("watch every=10, step(wait=False)", lambda m, d: Watch(m, 10, None, wait=False), 1.03),
         Variant("watch every=100", lambda m, d: Watch(m, 100, None), 1.01),
+        Variant("initdoctor's reductions and host copy alone, every step (the floor)", lambda m, d: Floor(m)),
         Variant("hand hooks .std().item()", lambda m, d: HandHooks(m)),
         Variant("fastai-style ActivationStats", lambda m, d: ActivationStats(m)),
     ]
