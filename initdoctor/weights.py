@@ -393,17 +393,23 @@ def symmetry_all(items: list[tuple]) -> list[SymmetryStats]:
     for idx in groups.values():
         if len(idx) < 2:
             continue
-        for i, plain in zip(idx, _screen([items[i] for i in idx])):
-            if plain:
+        for i, verdict in zip(idx, _screen([items[i] for i in idx])):
+            if verdict is not None:
                 label, rows = items[i][:2]
-                out[i] = SymmetryStats(label, len(rows), False, False, False, True, [], [],
+                still = verdict == STILL  # a zero gradient: constant, its rows all equal
+                out[i] = SymmetryStats(label, len(rows), False, False, still, not still, [], [],
                                        shape=list(rows.w.shape))
     return [s if s is not None else symmetry_of(*items[i][:4]) for i, s in enumerate(out)]
 
 
-def _screen(items: list[tuple]) -> list[bool]:
-    """Per item, whether it is certainly plain: finite, not constant, no two rows within the
-    tolerance (no neighbours close on three projections), gradient rows that differ.
+PLAIN, STILL = "plain", "still"  # what the screen settles: see _screen
+
+
+def _screen(items: list[tuple]) -> list[str | None]:
+    """Per item, PLAIN where it is certainly plain: finite, not constant, no two rows within the
+    tolerance (no neighbours close on three projections), gradient rows that differ; STILL where the
+    weights are so and the gradient (bias included) is exactly zero (a layer no signal reaches: most
+    layers of a deep stack whose activations vanish); None where `symmetry_of` must decide.
 
     Each matrix is read once (its projections; the gradient's on one direction). Extremes and norms
     come from the host copy where known (`Extremes`), else from one more read. Tolerances are upper
@@ -436,11 +442,11 @@ def _screen(items: list[tuple]) -> list[bool]:
     if biases[0] is not None:
         proj += v[-1][None, :, None] * torch.stack(biases)[:, None, :]
     proj = proj.transpose(1, 2)  # (L, n, 3)
-    gb2 = None
+    gb2 = torch.zeros(len(items), dtype=torch.float64, device=v.device)
     if gbiases[0] is not None:
         gb = torch.stack(gbiases)  # (L, n)
         g1 += v[-1][0] * gb
-        gb2 = (gb * gb).sum(1)
+        gb2 = gb.double().square().sum(1)
     facts = torch.tensor([k if k is not None else (0.0, 0.0, 0.0, 0.0) for k in known],
                          dtype=torch.float64).to(device=v.device, dtype=proj.dtype)
     lo, hi, bmax, g2 = facts.unbind(1)
@@ -451,7 +457,12 @@ def _screen(items: list[tuple]) -> list[bool]:
             lo[i], hi[i] = torch.aminmax(rows.w)
             bmax[i] = rows.b.abs().amax() if rows.b is not None else 0.0
             g2[i] = torch.dot(grows.w.reshape(-1), grows.w.reshape(-1))
-    gnorm = torch.sqrt(g2 + gb2) if gb2 is not None else torch.sqrt(g2)
+    # a float32 sum of squares is 0 for a zero gradient and for one below ~1e-23 alike: those few
+    # are summed again in float64, where neither underflows
+    g2 = g2.double()
+    for i in torch.nonzero(g2 == 0).flatten().tolist():
+        g2[i] = torch.linalg.vector_norm(items[i][2].w, dtype=torch.float64).square()
+    gnorm = torch.sqrt(g2 + gb2)
     wmax = torch.maximum(lo.abs(), hi.abs())
     tol = tol_rel * math.sqrt(fan + 1) * torch.maximum(wmax, bmax)  # (L,)
     finite = torch.isfinite(lo) & torch.isfinite(hi) & torch.isfinite(tol)
@@ -463,6 +474,9 @@ def _screen(items: list[tuple]) -> list[bool]:
         close |= ((ps[:, k:] - ps[:, :-k]).abs() <= tol[:, None, None]).all(2).any(1)
     gtol = tol_rel * gnorm
     differ = (g1 - g1[:, :1]).abs().amax(1) > gtol
-    plain = finite & not_constant & ~close & differ & torch.isfinite(gtol) & (gnorm > 0)
-    return plain.tolist()
+    weights_plain = finite & not_constant & ~close
+    # a zero weight gradient is constant whatever the bias's gradient does: not plain
+    plain = weights_plain & differ & torch.isfinite(gtol) & (g2 > 0)
+    still = weights_plain & (gnorm == 0)
+    return [PLAIN if p else STILL if z else None for p, z in zip(plain.tolist(), still.tolist())]
 

@@ -80,13 +80,15 @@ def test_symmetry_of_a_zero_tensor_and_its_gradient():
     assert sym.duplicate_groups == [[0, 1, 2]] and sym.frozen_groups == [[0, 1, 2]]
 
 
-def test_screened_symmetry_equals_one_by_one():
-    """symmetry_all screens same-shape matrices together; every result must equal symmetry_of's."""
-    from initdoctor.weights import Rows, symmetry_all
+@pytest.mark.parametrize("known", [False, True], ids=["read", "from-host-copy"])
+def test_screened_symmetry_equals_one_by_one(known):
+    """symmetry_all screens same-shape matrices together; every result must equal symmetry_of's,
+    with the extremes and gradient norms read from the tensors or given by the host copy."""
+    from initdoctor.weights import Extremes, Rows, symmetry_all
 
     gen = torch.Generator().manual_seed(0)
     items = []
-    for case in range(8):
+    for case in range(10):
         w, b = torch.randn(12, 5, generator=gen), torch.randn(12, generator=gen)
         gw, gb = torch.randn(12, 5, generator=gen), torch.randn(12, generator=gen)
         if case == 1:  # twins with equal gradients
@@ -98,12 +100,40 @@ def test_screened_symmetry_equals_one_by_one():
             gb.zero_()
         if case == 4:  # twins whose gradients differ
             w[5], b[5] = w[7], b[7]
-        items.append((f"w{case}", Rows.of(w, b), Rows.of(gw, gb), 1e-5))
+        if case == 5:  # a gradient whose float32 sum of squares underflows to 0, rows that differ
+            gw.mul_(1e-24)
+            gb.mul_(1e-24)
+        if case == 6:  # no weight gradient (inputs all zero), a bias gradient that differs per unit
+            gw.zero_()
+        if case == 7:  # another zero gradient: a deep stack's vanished layers come in numbers
+            gw.zero_()
+            gb.zero_()
+        facts = Extremes(float(w.min()), float(w.max()), float(torch.dot(b, b)),
+                         float(torch.dot(gw.reshape(-1), gw.reshape(-1))))
+        items.append((f"w{case}", Rows.of(w, b), Rows.of(gw, gb), 1e-5) + ((facts,) if known else ()))
     items.append(("alone", Rows.of(torch.randn(4, 3, generator=gen)), None, 1e-5))
     fast = symmetry_all(items)
-    slow = [symmetry_of(*it) for it in items]
+    slow = [symmetry_of(*it[:4]) for it in items]
     assert fast == slow
     assert fast[1].frozen_groups == [[0, 3]] and fast[4].duplicate_groups == [[5, 7]] and fast[2].constant
+    assert fast[3].grad_constant and not fast[3].grad_rows_differ and fast[7] == fast[3].__class__(
+        "w7", 12, False, False, True, False, [], [], shape=[12, 5])
+    assert not fast[5].grad_constant and fast[5].grad_rows_differ  # tiny is not zero
+    assert fast[6].grad_constant  # judged on the weight gradient
+
+
+def test_screen_settles_zero_and_tiny_gradients_without_the_one_by_one_path():
+    """A zero gradient (STILL) and a gradient too small for a float32 sum of squares (PLAIN) are
+    settled by the batched screen: the per-layer path is for layers that may be symmetric."""
+    from initdoctor.weights import PLAIN, STILL, Rows, _screen
+
+    gen = torch.Generator().manual_seed(1)
+    items = []
+    for scale in (1.0, 0.0, 1e-24, 0.0):
+        w, b = torch.randn(16, 8, generator=gen), torch.randn(16, generator=gen)
+        gw, gb = torch.randn(16, 8, generator=gen) * scale, torch.randn(16, generator=gen) * scale
+        items.append(("weight", Rows.of(w, b), Rows.of(gw, gb), 1e-5))
+    assert _screen(items) == [PLAIN, STILL, PLAIN, STILL]
 
 
 @pytest.mark.parametrize("cin, cout, k, s, groups", [
