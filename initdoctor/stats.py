@@ -110,7 +110,7 @@ class Sums:
         # m2 = s2 - s1^2 / n: the sum over samples of the mean deviation, squared, per unit (or pooled)
         inv = 1.0 / self.n if self.n else math.nan
         if s2.numel() != s1.numel():
-            m2 = s2 - torch.dot(s1, s1).reshape(1) * inv
+            m2 = s2 - torch.square(s1).sum().reshape(1) * inv  # not torch.dot: see _NO_BLAS
         else:
             m2 = torch.addcmul(s2, s1, s1, value=-inv)
         return Moments(self.n, torch.add(k, s1, alpha=inv), m2.clamp_min_(0.0))
@@ -142,6 +142,14 @@ def _unscaled(s1: torch.Tensor, s2: torch.Tensor, scale: torch.Tensor | None) ->
     c = scale.double()
     return s1 * c, s2 * c.square()
 
+
+# _NO_BLAS: what runs on the host after the copy (moments, summaries) makes no BLAS call. Under
+# `step(wait=False)` it runs on the watch's worker thread, where MKL (the CPU BLAS of x86 torch
+# builds) starts a team of one thread per core, since `torch.set_num_threads` applies to the
+# threads that called it; that team's spin-waits took the cores from training (scratch: one MLP
+# build, 2 ms of CPU with 34 `torch.dot` calls, made a concurrent 30 ms training step 12.5 ms
+# slower; with `MKL_NUM_THREADS=1`, 0.5 ms). Elementwise products and sums run in the calling
+# thread alone at these sizes.
 
 SMALL = 1 << 14  # entries: below this a float64 copy is cheap on the CPU too (no fresh pages), kernels count
 
@@ -249,7 +257,7 @@ class Moments:
     def summary(self) -> tuple[int, float, float]:
         """(non-finite units, q, var): the count needs no pass of its own where every unit is finite."""
         var = self.var()
-        msq = float(torch.dot(self.mean, self.mean)) / max(self.units, 1)
+        msq = float(torch.square(self.mean).sum()) / max(self.units, 1)  # not torch.dot: see _NO_BLAS
         # sums of non-negative terms are finite only if every term is; else count them
         bad = 0 if math.isfinite(var) and math.isfinite(msq) else self.nonfinite_units()
         return bad, var + msq, var

@@ -177,3 +177,26 @@ def test_no_thread_without_a_writer_and_waiting():
     with initdoctor.watch(model, every=1) as doctor:
         train(model, 3, doctor)  # step(wait=True) and nothing to write: nothing for a thread to do
         assert not our_threads()
+
+
+def test_work_after_the_host_copy_makes_no_blas_call():
+    """What `step(wait=False)` hands the worker (statistics from the host copy, rules) calls no BLAS
+    routine: MKL would start a thread team of its own in the worker thread, whose spin-waits take
+    the cores from training (stats._NO_BLAS)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from initdoctor.diagnosis import judge
+    from initdoctor.probe import Recorder
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.Sigmoid(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 4))
+    with Recorder(model) as rec:
+        nn.functional.cross_entropy(model(torch.randn(64, 16)), torch.randint(0, 4, (64,))).backward()
+    host = rec.host_copy({id(p): p.grad for p in model.parameters()})
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        judge(rec.build(host, None, True, False), None, None)
+    ops = {e.name for e in prof.events()}
+    assert "aten::sum" in ops  # the profiler sees the build's operations
+    blas = {"aten::dot", "aten::vdot", "aten::mv", "aten::mm", "aten::addmm", "aten::addmv", "aten::bmm",
+            "aten::baddbmm", "aten::matmul", "aten::tensordot"}
+    assert not ops & blas, sorted(ops & blas)
