@@ -702,5 +702,7 @@ def _act_stats(name: str, a: ActAcc, host: dict[Key, torch.Tensor]) -> Activatio
     if maxv is not None:
         s.dead = float((maxv <= 0).double().mean())
     if inp.mean is not None and inp.n > 1 and not inp.pooled:
-        s.preact_std = float(inp.var_units().sqrt().median())
+        # the median commutes with sqrt (the lower middle element either way); a tensor sqrt here would
+        # run on MKL's thread team when the watch's worker builds (stats._NO_BLAS)
+        s.preact_std = math.sqrt(float(inp.var_units().median()))
     return s
