@@ -221,15 +221,26 @@ def saturated(kind_: str, y: torch.Tensor, dims: list[int]) -> torch.Tensor:
     return far.gt_(bound).sum(dim=dims)
 
 
-def nonfinite_count(t: torch.Tensor) -> torch.Tensor:
-    """How many entries of a floating tensor are NaN or Inf, as a float32 (exact below 2^24 entries) or
-    int64 count. x - x is 0 exactly where x is finite: the test writes 1.0/0.0 in place into that copy,
-    which is summed (`isfinite` and its negated mask cost 4-8x as much on the CPU: 233 -> 30 µs for
-    8x32x500, scratch)."""
-    d = t - t
-    if d.numel() >= EXACT_COUNT:
-        return torch.count_nonzero(d)
-    return d.ne_(0).sum(dtype=torch.float32)
+NONFINITE_CHUNK = 1 << 22  # entries per pass on the CPU: a bounded copy (16 MiB of float32), an exact count
+
+
+def nonfinite_count(t: torch.Tensor, mask: bool | None = None) -> torch.Tensor:
+    """How many entries of a floating tensor are NaN or Inf (a float64 count, exact).
+
+    On the CPU, where `isfinite` is not vectorized (233 µs for 8x32x500 against 30 µs so, scratch):
+    x - x is 0 exactly where x is finite, and the test writes 1.0/0.0 in place into that copy, which
+    is summed; in slices of rows of at most NONFINITE_CHUNK entries, so that a language model's
+    logits are not copied whole. Elsewhere (`mask`): one byte-per-entry `isfinite` mask, the least
+    memory and traffic where every kernel is bandwidth-bound."""
+    if mask if mask is not None else t.device.type != "cpu":
+        return (t.numel() - torch.isfinite(t).sum()).to(torch.float64)
+    if t.dim() == 0 or t.numel() <= NONFINITE_CHUNK:
+        return (t - t).ne_(0).sum(dtype=torch.float32).double()  # float32: exact below 2^24
+    rows = max(1, NONFINITE_CHUNK // max(t[0].numel(), 1))
+    total = torch.zeros((), dtype=torch.float64)
+    for part in t.split(rows):
+        total += (part - part).ne_(0).sum(dtype=torch.float32)
+    return total
 
 
 def _add(table: dict[str, Sums], name: str, t: torch.Tensor, ud: int, pooled: bool) -> None:

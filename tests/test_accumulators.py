@@ -188,27 +188,30 @@ def test_saturated_counts_each_unit_on_both_paths(kind, exact, monkeypatch):
     assert torch.equal(y.nan_to_num(), before.nan_to_num())  # the caller's tensor is left alone
 
 
-@pytest.mark.parametrize("exact", [True, False])
+@pytest.mark.parametrize("path", ["whole", "in-slices", "mask"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_nonfinite_count_counts_nan_and_both_infinities_exactly(exact, dtype, monkeypatch):
+def test_nonfinite_count_counts_nan_and_both_infinities_exactly(path, dtype, monkeypatch):
     from initdoctor import accumulators
 
-    if not exact:  # the count_nonzero path, taken from 2^24 entries on, on a small tensor
-        monkeypatch.setattr(accumulators, "EXACT_COUNT", 4)
+    if path == "in-slices":  # a large output on the CPU, in slices of rows: forced here on a small one
+        monkeypatch.setattr(accumulators, "NONFINITE_CHUNK", 70)
+    mask = True if path == "mask" else None  # the accelerators' path, forced on the CPU
     x = torch.randn(40, 30, generator=torch.Generator().manual_seed(0)).to(dtype)
     x[0, :3] = float("nan")
     x[5, 7] = float("inf")
-    x[9, 1:6] = -float("inf")
+    x[39, 1:6] = -float("inf")  # in the last slice
     x[2, 2] = torch.finfo(dtype).max  # finite extremes are not counted
     x[3, 3] = -torch.finfo(dtype).max
     x[4, 4] = torch.finfo(dtype).tiny
     before = x.clone()
-    got = accumulators.nonfinite_count(x)
+    got = accumulators.nonfinite_count(x, mask)
+    assert got.dtype == torch.float64
     assert int(got) == 9 == int((~torch.isfinite(x)).sum())
     assert torch.equal(x.nan_to_num(), before.nan_to_num())  # the model's output is left alone
-    # past 256 entries, a bfloat16 sum would stop counting by ones
-    y = torch.full((300,), float("nan"), dtype=dtype)
-    assert int(accumulators.nonfinite_count(y)) == 300
+    # past 256 entries a bfloat16 sum would stop counting by ones; a slice may be one row
+    y = torch.full((3, 300), float("nan"), dtype=dtype)
+    assert int(accumulators.nonfinite_count(y, mask)) == 900
+    assert int(accumulators.nonfinite_count(torch.tensor(float("inf"), dtype=dtype), mask)) == 1
 
 
 def test_unshifted_sums_used_on_accelerators_agree_with_the_shifted_ones():
