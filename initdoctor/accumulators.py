@@ -232,7 +232,9 @@ def nonfinite_count(t: torch.Tensor, mask: bool | None = None) -> torch.Tensor:
     is summed; in slices of rows of at most NONFINITE_CHUNK entries, so that a language model's
     logits are not copied whole. Elsewhere (`mask`): one byte-per-entry `isfinite` mask, the least
     memory and traffic where every kernel is bandwidth-bound."""
-    if mask if mask is not None else t.device.type != "cpu":
+    if mask is None:
+        mask = t.device.type != "cpu"
+    if mask:
         return (t.numel() - torch.isfinite(t).sum()).to(torch.float64)
     if t.dim() == 0 or t.numel() <= NONFINITE_CHUNK:
         return (t - t).ne_(0).sum(dtype=torch.float32).double()  # float32: exact below 2^24

@@ -53,8 +53,8 @@ class Sums:
     are always taken so. Small CPU tensors, where each kernel's fixed cost counts, take a pooled sum
     as one float64 norm. On accelerators, where kernel launches are the cost, float32 (or narrower)
     data are summed raw in float64 with no shift at all (`_raw`: three kernels; `k` is None). Later
-    calls of the same module add up under the first call's shift, or unshifted (in float64); `moments()` turns the sums into per-unit
-    means and centred sums of squares in float64 on the host.
+    calls of the same module add up under the first call's shift, or unshifted (in float64);
+    `moments()` turns the sums into per-unit means and centred sums of squares in float64 on the host.
     """
 
     n: float

@@ -448,18 +448,16 @@ def _screen(items: list[tuple]) -> list[str | None]:
         g1 += v[-1][0] * gb
         gb2 = gb.double().square().sum(1)
     facts = torch.tensor([k if k is not None else (0.0, 0.0, 0.0, 0.0) for k in known],
-                         dtype=torch.float64).to(device=v.device, dtype=proj.dtype)
-    lo, hi, bmax, g2 = facts.unbind(1)
-    if unknown:  # extremes and norms not in the host copy: one more read of those tensors
-        lo, hi, bmax, g2 = lo.clone(), hi.clone(), bmax.clone(), g2.clone()
-        for i in unknown:
-            rows, grows = items[i][1], items[i][2]
-            lo[i], hi[i] = torch.aminmax(rows.w)
-            bmax[i] = rows.b.abs().amax() if rows.b is not None else 0.0
-            g2[i] = torch.dot(grows.w.reshape(-1), grows.w.reshape(-1))
+                         dtype=torch.float64, device=v.device)
+    lo, hi, bmax = facts[:, :3].to(proj.dtype, copy=True).unbind(1)
+    g2 = facts[:, 3]  # the gradient's sum of squares, in float64 from here on
+    for i in unknown:  # extremes and norms not in the host copy: one more read of those tensors
+        rows, grows = items[i][1], items[i][2]
+        lo[i], hi[i] = torch.aminmax(rows.w)
+        bmax[i] = rows.b.abs().amax() if rows.b is not None else 0.0
+        g2[i] = torch.dot(grows.w.reshape(-1), grows.w.reshape(-1))
     # a float32 sum of squares is 0 for a zero gradient and for one below ~1e-23 alike: those few
     # are summed again in float64, where neither underflows
-    g2 = g2.double()
     for i in torch.nonzero(g2 == 0).flatten().tolist():
         g2[i] = torch.linalg.vector_norm(items[i][2].w, dtype=torch.float64).square()
     gnorm = torch.sqrt(g2 + gb2)
