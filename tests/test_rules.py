@@ -872,3 +872,17 @@ def test_advice_names_the_plans_init_and_spots_a_prescribed_scale():
         nn.init.constant_(m.bias, -1.0)
     msgs = [f.message for f in initdoctor.check(model, x).findings if f.code.startswith("ID20")]
     assert msgs and all("already have the prescribed scale" in m and "biases (mean -1)" in m for m in msgs)
+
+
+@pytest.mark.parametrize("units", [1, 2, 7, 64, 255, 256, 1000])
+def test_chance_of_dead_is_the_binomial_tail(units):
+    """P(Binomial(units, 1/2) >= dead), against the exact sum of binomial coefficients."""
+    from fractions import Fraction
+
+    from initdoctor.rules.regime import chance_of_dead
+
+    for dead in sorted({0, 1, units // 3, units // 2, units // 2 + 1, (3 * units) // 4, units - 1, units}):
+        exact = Fraction(sum(math.comb(units, k) for k in range(max(dead, 0), units + 1)), 2 ** units)
+        got = chance_of_dead(units, dead)
+        assert got == pytest.approx(float(exact), rel=1e-9, abs=1e-300), (units, dead)
+    assert chance_of_dead(units, units + 1) == 0.0

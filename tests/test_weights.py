@@ -137,6 +137,32 @@ def test_screen_settles_zero_and_tiny_gradients_without_the_one_by_one_path():
     assert _screen(items) == [PLAIN, STILL, PLAIN, STILL]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_close_rows_found_alike_by_the_cpu_and_accelerator_paths(dtype):
+    """The screen's neighbour test: NumPy on the CPU, torch elsewhere; both must flag the same
+    matrices (twins, near twins within and beyond the tolerance, a NaN, none)."""
+    from initdoctor.weights import _any_close_numpy, _any_close_torch
+
+    gen = torch.Generator().manual_seed(2)
+    proj = torch.randn(40, 3, 50, generator=gen, dtype=dtype).transpose(1, 2)  # as the screen lays it out
+    tol = torch.full((40,), 1e-4, dtype=dtype)
+    for i in range(0, 40, 4):
+        a, b = torch.randint(0, 50, (2,), generator=gen).tolist()
+        if a == b:
+            continue
+        proj[i, b] = proj[i, a]  # twins
+        proj[i + 1, b] = proj[i + 1, a] + 5e-5  # within the tolerance on every projection
+        proj[i + 2, b] = proj[i + 2, a]
+        proj[i + 2, b, 2] += 1e-2  # equal on two projections only
+    proj[3, 7, 0] = float("nan")
+    # rows told apart by one projection alone, in either direction: the others all tie
+    proj[35, :, 0], proj[35, :, 2] = 0.0, 0.0
+    proj[39, :, 0], proj[39, :, 1] = 0.0, 0.0
+    fast, ref = _any_close_numpy(proj, tol), _any_close_torch(proj, tol)
+    assert fast.tolist() == ref.tolist()
+    assert fast[0::4].all() and fast[1::4].all() and not fast[35] and not fast[39] and int(fast.sum()) < 40
+
+
 @pytest.mark.parametrize("cin, cout, k, s, groups", [
     (3, 64, 8, 8, 1),  # patchify (stride = kernel): each input reaches 64 outputs, torch says 4096
     (16, 32, 3, 2, 1),  # overlapping stride 2: 32 * 9 / 4 on average over positions

@@ -209,7 +209,21 @@ def chance_of_dead(units: int, dead: int) -> float:
     """P(Binomial(units, 1/2) >= dead): how often dead units this many arise by a coin flip each."""
     if units <= 0 or dead <= 0:
         return 1.0
-    logs = [math.lgamma(units + 1) - math.lgamma(k + 1) - math.lgamma(units - k + 1) - units * math.log(2.0)
-            for k in range(dead, units + 1)]
-    top = max(logs)
-    return min(1.0, math.exp(top) * sum(math.exp(v - top) for v in logs))
+    if 2 * dead <= units:  # P(X >= d) = 1 - P(X >= units - d + 1), by the coin's symmetry
+        return max(0.0, 1.0 - _upper_tail(units, units - dead + 1))
+    return min(1.0, _upper_tail(units, dead))
+
+
+def _upper_tail(n: int, k0: int) -> float:
+    """P(Binomial(n, 1/2) >= k0) for k0 above n / 2, where the terms only fall: summed from the
+    first, each from the one before, until they no longer change the sum."""
+    if k0 > n:
+        return 0.0
+    first = math.lgamma(n + 1) - math.lgamma(k0 + 1) - math.lgamma(n - k0 + 1) - n * math.log(2.0)
+    term, total = 1.0, 0.0
+    for k in range(k0, n + 1):
+        total += term
+        term *= (n - k) / (k + 1)
+        if term < total * 1e-17:
+            break
+    return math.exp(first) * total
