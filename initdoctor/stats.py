@@ -47,14 +47,15 @@ class Sums:
     NaN or Inf in a unit makes its s1 non-finite.
 
     The squares must neither overflow nor underflow float32 (a gradient of 1e-20 is still a
-    gradient). For a large tensor on the CPU the shifted copy, which is ours, is divided in place by
-    its largest |value| (`scale`), so every square lies in [0, 1], and summed in float32: no float64
-    copy, whose freshly mapped pages cost more than the arithmetic there; per-unit sums of squares
-    are always taken so. Small CPU tensors, where each kernel's fixed cost counts, take a pooled sum
-    as one float64 norm. On accelerators, where kernel launches are the cost, float32 (or narrower)
-    data are summed raw in float64 with no shift at all (`_raw`: three kernels; `k` is None). Later
-    calls of the same module add up under the first call's shift, or unshifted (in float64);
-    `moments()` turns the sums into per-unit means and centred sums of squares in float64 on the host.
+    gradient). On the CPU the shifted copy, which is ours, is summed in float32 as it is where its
+    sums of squares show that nothing overflowed or was lost (`SUMSQ_SAFE`: nearly always); where
+    they do not, a large one is divided in place by its largest |value| (`scale`), so that every
+    square lies in [0, 1], and summed again, with no float64 copy, whose freshly mapped pages cost
+    more than the arithmetic there; a small one's pooled sum of squares is taken as one float64
+    norm. On accelerators, where kernel launches are the cost, float32 (or narrower) data are summed
+    raw in float64 with no shift at all (`_raw`: three kernels; `k` is None). Later calls of the same
+    module add up under the first call's shift, or unshifted (in float64); `moments()` turns the
+    sums into per-unit means and centred sums of squares in float64 on the host.
     """
 
     n: float
@@ -153,11 +154,16 @@ def _unscaled(s1: torch.Tensor, s2: torch.Tensor, scale: torch.Tensor | None) ->
 # without them). Elementwise products and sums run in the calling thread alone at these sizes.
 
 SMALL = 1 << 14  # entries: below this a float64 copy is cheap on the CPU too (no fresh pages), kernels count
+# A float32 sum of squares at least this large (and finite) lost nothing that counts to underflow:
+# squares below the smallest normal float32 (2^-126) add up to under 2^-95 in 2^31 entries, a part
+# in 2^35 of it. A vanishing gradient of 1e-20 per entry is below it and is summed scaled instead.
+SUMSQ_SAFE = 2.0 ** -60
 
 
 def scaled(t: torch.Tensor) -> bool:
-    """Whether `Sums` pools a tensor's squares by scaling it in place and summing in float32 (large
-    tensors on the CPU) rather than by one float64 norm (small ones, and any on an accelerator)."""
+    """Whether a tensor counts as large for `Sums` (on the CPU only): where float32 squares would not
+    hold, its shifted copy is scaled in place rather than summed as one float64 norm, and a layer's
+    output is summed per unit (as cheap there)."""
     return t.device.type == "cpu" and t.numel() > SMALL
 
 
@@ -178,9 +184,26 @@ def _sums(x: torch.Tensor, k: torch.Tensor | None, ud: int, dims: list[int],
           pooled: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     if k is None:  # sums begun without a shift (`_raw`) go on without one
         return (*_raw(x, dims, pooled), None)
-    # ours: changed in place below
-    xs = x - (k if ud == x.dim() - 1 else k.reshape([-1 if d == ud else 1 for d in range(x.dim())]))
-    if pooled and not scaled(xs):
+    xs = _shifted(x, k, ud)  # ours: changed in place below
+    small = pooled and not scaled(xs)  # summed without a scale: no "scale" in the buffer
+    if xs.device.type == "cpu":
+        # summed in float32 as they are first, and kept where the sums of squares show that no square
+        # overflowed or was lost to underflow (reading a CPU scalar costs no synchronization): the
+        # Transformer's outputs 160 -> 96 µs each, a float64 norm's 10 µs -> 4 on small ones (scratch)
+        s1 = xs.sum(dim=dims)
+        if pooled:
+            flat = xs.reshape(-1)
+            s2 = torch.dot(flat, flat).reshape(1)
+            low = high = float(s2)
+        else:
+            s2 = xs.square_().sum(dim=dims)
+            low, high = (float(v) for v in torch.aminmax(s2))
+        if SUMSQ_SAFE <= low and high < math.inf:
+            # a scale of one, not none: every rank's buffer keeps one layout (distributed.py)
+            return s1, s2, None if small else torch.ones((), dtype=xs.dtype)
+        if not pooled:
+            xs = _shifted(x, k, ud)
+    if small:
         return xs.sum(dim=dims), torch.linalg.vector_norm(xs, dtype=torch.float64).square_().reshape(1), None
     lo, hi = torch.aminmax(xs)
     # a NaN or Inf anywhere: no scaling, so that only the units that hold one have a non-finite s1
@@ -191,6 +214,10 @@ def _sums(x: torch.Tensor, k: torch.Tensor | None, ud: int, dims: list[int],
         flat = xs.reshape(-1)
         return s1, torch.dot(flat, flat).reshape(1), scale
     return s1, xs.square_().sum(dim=dims), scale
+
+
+def _shifted(x: torch.Tensor, k: torch.Tensor, ud: int) -> torch.Tensor:
+    return x - (k if ud == x.dim() - 1 else k.reshape([-1 if d == ud else 1 for d in range(x.dim())]))
 
 
 @dataclass

@@ -95,6 +95,27 @@ def test_both_reduction_paths_are_exact_at_the_extremes(rows):
     assert Sums.over(bad, 1).moments().nonfinite_units() == 2  # only the units that hold one
 
 
+@pytest.mark.parametrize("pooled", [True, False])
+def test_large_cpu_tensors_are_scaled_only_where_float32_squares_would_not_hold(pooled):
+    """Above stats.SMALL the shifted copy is summed as it is where its float32 sums of squares are
+    safe, and scaled by its largest value first where they are not; either way the moments are those
+    of float64 arithmetic, and a scale is always in the buffer (every rank packs the same keys)."""
+    gen = torch.Generator().manual_seed(3)
+    base = torch.randn(4096, 8, generator=gen)
+    for factor, rescaled in ((1.0, False), (1e-3, False), (1e-22, True), (1e25, True)):
+        x = base * factor
+        s = Sums.over(x, 1, pooled=pooled)
+        assert s.scale is not None and (float(s.scale) != 1.0) == rescaled, factor
+        m = s.moments()
+        ref = x.double()
+        assert m.q() == pytest.approx(float(ref.square().mean()), rel=1e-5), factor
+        assert m.var() == pytest.approx(float(ref.var(0, unbiased=False).mean()), rel=1e-4), factor
+    bad = base.clone()
+    bad[7, 1] = float("nan")
+    s = Sums.over(bad, 1, pooled=pooled)
+    assert s.scale is not None and s.moments().nonfinite_units() == 1
+
+
 def test_later_calls_add_under_the_first_shift():
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(30, 4, 6, generator=gen) + 3.0
