@@ -179,23 +179,70 @@ def test_no_thread_without_a_writer_and_waiting():
         assert not our_threads()
 
 
-def test_work_after_the_host_copy_makes_no_call_mkl_runs_on_threads():
+class _Encoder(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(50, 16)
+        self.enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True,
+                                                                    activation="gelu", norm_first=True), 2,
+                                         enable_nested_tensor=False)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.head(self.enc(self.emb(x))[:, 0])
+
+
+class _Recurrent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.LSTM(8, 16, batch_first=True)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.head(self.rnn(x)[0][:, -1])
+
+
+_BUILD_MODELS = {
+    "mlp-sigmoid-tanh": (lambda: nn.Sequential(nn.Linear(16, 32), nn.Sigmoid(), nn.Linear(32, 32), nn.Tanh(),
+                                               nn.Linear(32, 4)), lambda: torch.randn(64, 16)),
+    "cnn-bn-relu": (lambda: nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                          nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                                          nn.Flatten(), nn.Linear(8, 4)), lambda: torch.randn(16, 3, 8, 8)),
+    "pre-norm-transformer": (_Encoder, lambda: torch.randint(0, 50, (8, 12))),
+    "lstm": (_Recurrent, lambda: torch.randn(8, 5, 8)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_BUILD_MODELS))
+def test_work_after_the_host_copy_makes_no_call_mkl_runs_on_threads(name):
     """What `step(wait=False)` hands the worker (statistics from the host copy, rules) calls no BLAS
     routine and no vectorized math on tensors: MKL would run them on a thread team of its own in
-    the worker thread, whose spin-waits take the cores from training (stats._NO_BLAS)."""
+    the worker thread, whose spin-waits take the cores from training (stats._NO_BLAS). On models
+    that take every path of the build: saturating and dying nonlinearities, convolutions' per-unit
+    sums, attention, stream norms, recurrent gates."""
     from torch.profiler import ProfilerActivity, profile
 
     from initdoctor.diagnosis import judge
     from initdoctor.probe import Recorder
 
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(16, 32), nn.Sigmoid(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 4))
+    build, batch = _BUILD_MODELS[name]
+    model = build()
     with Recorder(model) as rec:
-        nn.functional.cross_entropy(model(torch.randn(64, 16)), torch.randint(0, 4, (64,))).backward()
+        out = model(batch())
+        nn.functional.cross_entropy(out, torch.randint(0, 4, out.shape[:1])).backward()
     host = rec.host_copy({id(p): p.grad for p in model.parameters()})
     with profile(activities=[ProfilerActivity.CPU]) as prof:
-        judge(rec.build(host, None, True, False), None, None)
+        stats = rec.build(host, None, True, False)
+        judge(stats, None, None)
     ops = {e.name for e in prof.events()}
+    kinds = {a.kind for a in stats.activations}
+    assert {"mlp-sigmoid-tanh": {"sigmoid", "tanh"}, "cnn-bn-relu": {"relu"}, "pre-norm-transformer": {"gelu"},
+            "lstm": {"sigmoid", "tanh"}}[name] <= kinds, kinds
+    if name == "pre-norm-transformer":  # the stream norms' scale was built too
+        assert any(lay.stream_q is not None for lay in stats.layers)
+    if name == "lstm":
+        assert any(a.gate for a in stats.activations)
     assert "aten::sum" in ops  # the profiler sees the build's operations
     blas = {"aten::dot", "aten::vdot", "aten::mv", "aten::mm", "aten::addmm", "aten::addmv", "aten::bmm",
             "aten::baddbmm", "aten::matmul", "aten::tensordot"}
