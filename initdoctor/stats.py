@@ -106,15 +106,19 @@ class Sums:
 
     def moments(self) -> Moments:
         """Per-unit mean and centred sum of squares, float64 on the CPU."""
-        s1, s2 = _unscaled(_host(self.s1), _host(self.s2), None if self.scale is None else _host(self.scale))
+        scale = None if self.scale is None else _host(self.scale)
+        if scale is not None and float(scale) == 1.0:  # summed unscaled (the usual case on the CPU)
+            scale = None
+        s1, s2 = _unscaled(_host(self.s1), _host(self.s2), scale)
         k = _double(_host(self.k)) if self.k is not None else torch.zeros_like(s1)
         # m2 = s2 - s1^2 / n: the sum over samples of the mean deviation, squared, per unit (or pooled)
         inv = 1.0 / self.n if self.n else math.nan
         if s2.numel() != s1.numel():
-            m2 = s2 - torch.square(s1).sum().reshape(1) * inv  # not torch.dot: see _NO_BLAS
-        else:
-            m2 = torch.addcmul(s2, s1, s1, value=-inv)
-        return Moments(self.n, torch.add(k, s1, alpha=inv), m2.clamp_min_(0.0))
+            # in Python floats: the same float64 arithmetic in fewer tensor operations
+            m2 = torch.tensor([max(float(s2) - float(torch.square(s1).sum()) * inv, 0.0)], dtype=torch.float64)
+        else:  # not torch.dot above: see _NO_BLAS
+            m2 = torch.addcmul(s2, s1, s1, value=-inv).clamp_min_(0.0)
+        return Moments(self.n, torch.add(k, s1, alpha=inv), m2)
 
 
 def _host(t: torch.Tensor) -> torch.Tensor:
