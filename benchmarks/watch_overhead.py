@@ -175,10 +175,10 @@ class Floor(Monitor):
         self.rec = Recorder(model, structure=self.structure).__enter__()
 
     def after(self, model, step, loss):
-        self.rec.close()
+        # as `watch` samples consecutive steps: the hooks stay on, the pass is handed off
+        done = self.rec.handoff()
         grads = {id(p): p.grad for p in model.parameters() if p.grad is not None}
-        self.rec.host_copy(grads or None)
-        self.rec = Recorder(model, structure=self.structure).__enter__()
+        done.host_copy(grads or None)
 
     def close(self):
         self.rec.close()

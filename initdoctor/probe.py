@@ -14,6 +14,7 @@ RNG are all as they were afterwards.
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -141,6 +142,20 @@ class Recorder:
         self.graph.reset()
         self._stack.clear()
         self._remove_tensor_hooks()
+
+    def handoff(self) -> Recorder:
+        """The pass recorded so far, as a Recorder of its own with no hooks (to copy and build from),
+        while this one keeps its module hooks and starts the next pass afresh: a watch that samples
+        consecutive steps does not take its hooks off and put them back in between (~0.3 ms a step,
+        most of a tenth of a small transformer's step). As after `close()`, the pass's tensor hooks
+        and function mode are gone."""
+        self._exit_functions()
+        self._remove_tensor_hooks()
+        done = copy.copy(self)
+        done._module_handles, done._tensor_handles, done._stack = [], [], []
+        self.graph = Graph(set(self.structure.weight_layers), set(self.structure.leaves))
+        self.reset()
+        return done
 
     def __enter__(self) -> Recorder:
         try:

@@ -256,6 +256,8 @@ class Watch:
         return self._rec is not None
 
     def _arm(self) -> None:
+        if self._rec is not None and self.compiled is None and not self._structure.matches(self.model):
+            self._disarm()  # kept from the last step on modules or parameters since replaced
         if self._rec is None:
             # values for histograms: only where something will draw them; under DDP on every rank
             # alike, since the ranks' buffers must have one layout (rank 0's values are the ones kept)
@@ -291,8 +293,11 @@ class Watch:
         return distributed.rank(self.group) == 0
 
     def _sample(self, wait: bool) -> Diagnosis | None:
-        rec = self._rec
-        self._disarm()
+        if self.compiled is None and (self.steps + 1) % self.every == 0:
+            rec = self._rec.handoff()  # the next step is sampled too: its hooks stay on
+        else:
+            rec = self._rec
+            self._disarm()
         params = {}
         for p in self.model.parameters():
             if p.grad is not None:

@@ -62,11 +62,13 @@ def test_a_replaced_layer_is_measured_at_the_next_sample():
         first = doctor.structure_reads
         train(model, 2, doctor)
         assert doctor.structure_reads == first  # the same modules: read once
+        old = model[2]
         model[2] = nn.Linear(32, 32)
         with torch.no_grad():
             model[2].weight.normal_(0.0, 3.0)
         train(model, 1, doctor)
         assert doctor.structure_reads == first + 1
+        assert all_hooks(old) == 0 and all_hooks(model[2]) > 0  # hooks kept between samples moved over
         model[0].weight = nn.Parameter(torch.zeros(32, 32))  # a parameter replaced, modules the same
         train(model, 1, doctor)
         assert doctor.structure_reads == first + 2
@@ -74,6 +76,29 @@ def test_a_replaced_layer_is_measured_at_the_next_sample():
     # the new parameter is the one measured: zeros after one SGD step, against ~0.10 for the old one
     assert layer_std["0"] < 0.03
     assert 2.5 < layer_std["2"] < 3.5
+
+
+def test_consecutive_samples_keep_their_hooks_and_equal_samples_taken_afresh():
+    """At every=1 the hooks stay on from one sampled step to the next (each pass is handed off to be
+    built); the samples equal those of a watch that puts its hooks on anew for each (every=2, the
+    same training run), and nothing is left on the model at the end."""
+    runs = {}
+    for every in (1, 2):
+        model = tanh_mlp(3)
+        hooks = []
+        with initdoctor.watch(model, every=every, warn=False) as doctor:
+            recorders = []
+            for _ in range(6):
+                train(model, 1, doctor, dropout_seed=len(hooks))
+                hooks.append(all_hooks(model))
+                recorders.append(doctor._rec)
+        assert all_hooks(model) == 0
+        runs[every] = (doctor.history, hooks, recorders)
+    (h1, hooks1, recs1), (h2, hooks2, _) = runs[1], runs[2]
+    assert all(r is recs1[0] for r in recs1) and min(hooks1) > 0  # one recorder, never off between steps
+    assert hooks2[0::2] == [0, 0, 0] and min(hooks2[1::2]) > 0  # every other step unhooked
+    assert [h["step"] for h in h1] == [0, 1, 2, 3, 4, 5] and [h["step"] for h in h2] == [0, 2, 4]
+    assert [h for h in h1 if h["step"] % 2 == 0] == h2
 
 
 def test_hooks_only_on_sampled_steps_and_removed_on_error():
