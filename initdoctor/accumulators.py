@@ -502,12 +502,17 @@ def other_params(model: nn.Module, layers: dict[str, nn.Module]) -> list[tuple[s
 # --- the host copy -> ModelStats --------------------------------------------------------------
 
 
-def _moments(host: dict[Key, torch.Tensor], what: str, name: str) -> Moments:
+def _sums(host: dict[Key, torch.Tensor], what: str, name: str) -> Sums | None:
     n = host.get(Key(what, name, "n"))
     if n is None:
-        return Moments()
+        return None
     return Sums(float(n[0]), host[Key(what, name, "s1")], host[Key(what, name, "s2")],
-                host.get(Key(what, name, "k")), host.get(Key(what, name, "scale"))).moments()
+                host.get(Key(what, name, "k")), host.get(Key(what, name, "scale")))
+
+
+def _moments(host: dict[Key, torch.Tensor], what: str, name: str) -> Moments:
+    s = _sums(host, what, name)
+    return Moments() if s is None else s.moments()
 
 
 def _pair(host: dict[Key, torch.Tensor], what: str, name: str) -> tuple[float, float] | None:
@@ -683,14 +688,14 @@ def _layer_stats(name, m, order, graph: Graph, acc: Accumulators, host, static: 
     lay.residual = name in graph.residual_writers
     lay.fed_from = sorted(s for s, t in graph.feeds.items() if t == name)
     lay.normalized = name in graph.normalized
-    mo = _moments(host, "out", name)
-    if mo.mean is not None and mo.n > 0:
-        lay.units, lay.samples = mo.units, int(mo.n)
-        lay.output_nonfinite, lay.q, lay.signal = mo.summary()
+    so = _sums(host, "out", name)
+    if so is not None and so.n > 0:
+        lay.units, lay.samples = so.units, int(so.n)
+        lay.output_nonfinite, lay.q, lay.signal = so.summary()
         lay.r = lay.signal / lay.q if lay.q and math.isfinite(lay.q) and lay.q > 0 else None
-    mg = _moments(host, "grad", name)
-    if mg.mean is not None and mg.n > 0:
-        lay.grad_nonfinite, lay.grad_q, _ = mg.summary()
+    sg = _sums(host, "grad", name)
+    if sg is not None and sg.n > 0:
+        lay.grad_nonfinite, lay.grad_q, _ = sg.summary()
     if Key("gw", name) in host:
         sumsq = float(host[Key("gw", name)])
         tw = w if param_ is None else trained_weight(m)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import torch
 
 
@@ -121,6 +122,28 @@ class Sums:
         return Moments(self.n, torch.add(k, s1, alpha=inv), m2)
 
 
+    def summary(self) -> tuple[int, float, float]:
+        """`moments().summary()`: (non-finite units, q, var). Pooled sums, where no per-unit variance
+        is wanted, are summarized in NumPy on the host without building the moments: 8 against 16
+        µs for 256 units (scratch), two per layer and sample; float64 throughout, as there."""
+        s1, s2, k = _host(self.s1), _host(self.s2), None if self.k is None else _host(self.k)
+        if (not self.pooled or s1.numel() == 1 or not self.n
+                or any(t.dtype not in (torch.float32, torch.float64) for t in (s1, s2) + ((k,) if k is not None else ()))):
+            return self.moments().summary()
+        d1 = s1.numpy().astype(np.float64)
+        d2 = float(s2)
+        if self.scale is not None and (c := float(_host(self.scale))) != 1.0:
+            d1, d2 = d1 * c, d2 * (c * c)
+        inv = 1.0 / self.n
+        mean = d1 * inv if k is None else k.numpy() + d1 * inv  # float64: NumPy promotes float32 k
+        units = d1.size
+        var = max(d2 - float((d1 * d1).sum()) * inv, 0.0) / (max(self.n, 1.0) * units)
+        msq = float((mean * mean).sum()) / units
+        if math.isfinite(var) and math.isfinite(msq):
+            return 0, var + msq, var
+        return self.moments().summary()  # counts the units that are not finite
+
+
 def _host(t: torch.Tensor) -> torch.Tensor:
     t = t.detach() if t.requires_grad else t
     return t if t.device.type == "cpu" else t.cpu()
@@ -155,7 +178,8 @@ def _unscaled(s1: torch.Tensor, s2: torch.Tensor, scale: torch.Tensor | None) ->
 # applies to the threads that called it), whose spin-waits took the cores from training (scratch:
 # 40 square roots of 512 values on another thread made 20 concurrent 128x512 @ 512x512 products
 # 12 ms slower; an MLP's sampled step 1.45-1.55x a plain one with `step(wait=False)`, 1.20-1.30x
-# without them). Elementwise products and sums run in the calling thread alone at these sizes.
+# without them). Elementwise products and sums run in the calling thread alone at these sizes. The
+# same holds for NumPy (`Sums.summary`), whose BLAS has a thread pool of its own: no `np.dot` or `@`.
 
 SMALL = 1 << 14  # entries: below this a float64 copy is cheap on the CPU too (no fresh pages), kernels count
 # A float32 sum of squares at least this large (and finite) lost nothing that counts to underflow:

@@ -116,6 +116,29 @@ def test_large_cpu_tensors_are_scaled_only_where_float32_squares_would_not_hold(
     assert s.scale is not None and s.moments().nonfinite_units() == 1
 
 
+def test_pooled_summary_equals_the_summary_of_the_moments():
+    """`Sums.summary` (NumPy, no per-unit moments for pooled sums) gives what `moments().summary()`
+    gives: small and large tensors, scaled ones, float64, raw sums (accelerator style), NaN."""
+    gen = torch.Generator().manual_seed(4)
+    cases = {"small": torch.randn(64, 32, generator=gen) + 2.0, "large": torch.randn(4096, 8, generator=gen),
+             "tiny": torch.randn(4096, 8, generator=gen) * 1e-22, "huge": torch.randn(64, 32, generator=gen) * 1e30,
+             "float64": torch.randn(64, 32, generator=gen, dtype=torch.float64)}
+    nan = torch.randn(64, 32, generator=gen)
+    nan[5, 3] = float("nan")
+    cases["nan"] = nan
+    for name, x in cases.items():
+        for shift in (True, False):
+            s = Sums.over(x, 1, pooled=True, shift=shift)
+            got, want = s.summary(), s.moments().summary()
+            assert got[0] == want[0], name
+            if name == "nan":
+                assert got[0] == 1
+                continue
+            assert got[1:] == pytest.approx(want[1:], rel=1e-12, abs=0), (name, shift)
+            ref = x.double()
+            assert got[2] == pytest.approx(float(ref.var(0, unbiased=False).mean()), rel=1e-5), name
+
+
 def test_later_calls_add_under_the_first_shift():
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(30, 4, 6, generator=gen) + 3.0
