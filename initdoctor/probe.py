@@ -147,7 +147,7 @@ class Recorder:
         """The pass recorded so far, as a Recorder of its own with no hooks (to copy and build from),
         while this one keeps its module hooks and starts the next pass afresh: a watch that samples
         consecutive steps does not take its hooks off and put them back in between (~0.3 ms a step,
-        most of a tenth of a small transformer's step). As after `close()`, the pass's tensor hooks
+        6% of a small transformer's). As after `close()`, the pass's tensor hooks
         and function mode are gone."""
         self._exit_functions()
         self._remove_tensor_hooks()

@@ -121,14 +121,13 @@ class Sums:
             m2 = torch.addcmul(s2, s1, s1, value=-inv).clamp_min_(0.0)
         return Moments(self.n, torch.add(k, s1, alpha=inv), m2)
 
-
     def summary(self) -> tuple[int, float, float]:
         """`moments().summary()`: (non-finite units, q, var). Pooled sums, where no per-unit variance
         is wanted, are summarized in NumPy on the host without building the moments: 8 against 16
         µs for 256 units (scratch), two per layer and sample; float64 throughout, as there."""
         s1, s2, k = _host(self.s1), _host(self.s2), None if self.k is None else _host(self.k)
-        if (not self.pooled or s1.numel() == 1 or not self.n
-                or any(t.dtype not in (torch.float32, torch.float64) for t in (s1, s2) + ((k,) if k is not None else ()))):
+        numpy_types = all(t.dtype in (torch.float32, torch.float64) for t in (s1, s2, k) if t is not None)
+        if not self.pooled or s1.numel() == 1 or not self.n or not numpy_types:
             return self.moments().summary()
         d1 = s1.numpy().astype(np.float64)
         d2 = float(s2)

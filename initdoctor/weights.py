@@ -461,7 +461,7 @@ def _screen(items: list[tuple]) -> list[str | None]:
     """
     tol_rel = items[0][3]
     rows0 = items[0][1]
-    n, fan = rows0.w.shape
+    fan = rows0.w.shape[1]
     v = _directions(fan, 3, rows0.w)
     vt = v[:fan].t().contiguous()  # (3, fan): the projections as (v^T W^T), see Rows.project
     vw0 = vt[0].contiguous()
