@@ -502,7 +502,7 @@ def other_params(model: nn.Module, layers: dict[str, nn.Module]) -> list[tuple[s
 # --- the host copy -> ModelStats --------------------------------------------------------------
 
 
-def _sums(host: dict[Key, torch.Tensor], what: str, name: str) -> Sums | None:
+def _host_sums(host: dict[Key, torch.Tensor], what: str, name: str) -> Sums | None:
     n = host.get(Key(what, name, "n"))
     if n is None:
         return None
@@ -511,7 +511,7 @@ def _sums(host: dict[Key, torch.Tensor], what: str, name: str) -> Sums | None:
 
 
 def _moments(host: dict[Key, torch.Tensor], what: str, name: str) -> Moments:
-    s = _sums(host, what, name)
+    s = _host_sums(host, what, name)
     return Moments() if s is None else s.moments()
 
 
@@ -688,12 +688,12 @@ def _layer_stats(name, m, order, graph: Graph, acc: Accumulators, host, static: 
     lay.residual = name in graph.residual_writers
     lay.fed_from = sorted(s for s, t in graph.feeds.items() if t == name)
     lay.normalized = name in graph.normalized
-    so = _sums(host, "out", name)
+    so = _host_sums(host, "out", name)
     if so is not None and so.n > 0:
         lay.units, lay.samples = so.units, int(so.n)
         lay.output_nonfinite, lay.q, lay.signal = so.summary()
         lay.r = lay.signal / lay.q if lay.q and math.isfinite(lay.q) and lay.q > 0 else None
-    sg = _sums(host, "grad", name)
+    sg = _host_sums(host, "grad", name)
     if sg is not None and sg.n > 0:
         lay.grad_nonfinite, lay.grad_q, _ = sg.summary()
     if Key("gw", name) in host:

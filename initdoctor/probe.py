@@ -129,7 +129,6 @@ class Recorder:
         self.keep_values = keep_values
         self.structure = structure if structure is not None else Structure.of(model)
         self.modules, self.layers, self._owners = self.structure.modules, self.structure.layers, self.structure.owners
-        self.graph = Graph(set(self.structure.weight_layers), set(self.structure.leaves))
         self._module_handles: list[Any] = []
         self._tensor_handles: list[Any] = []
         self._stack: list[str] = []
@@ -138,8 +137,9 @@ class Recorder:
 
     # -- lifecycle --
     def reset(self) -> None:
+        """A fresh pass: new accumulators and graph (a pass handed off keeps the old ones)."""
         self.acc = Accumulators(self.keep_values)
-        self.graph.reset()
+        self.graph = Graph(set(self.structure.weight_layers), set(self.structure.leaves))
         self._stack.clear()
         self._remove_tensor_hooks()
 
@@ -147,14 +147,12 @@ class Recorder:
         """The pass recorded so far, as a Recorder of its own with no hooks (to copy and build from),
         while this one keeps its module hooks and starts the next pass afresh: a watch that samples
         consecutive steps does not take its hooks off and put them back in between (~0.3 ms a step,
-        6% of a small transformer's). As after `close()`, the pass's tensor hooks
-        and function mode are gone."""
+        6% of a small transformer's). As after `close()`, the pass's tensor hooks and function mode
+        are gone."""
         self._exit_functions()
-        self._remove_tensor_hooks()
         done = copy.copy(self)
         done._module_handles, done._tensor_handles, done._stack = [], [], []
-        self.graph = Graph(set(self.structure.weight_layers), set(self.structure.leaves))
-        self.reset()
+        self.reset()  # removes the pass's tensor hooks
         return done
 
     def __enter__(self) -> Recorder:
